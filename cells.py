@@ -98,17 +98,18 @@ def expand(cell, ops):
 
 
 def encode(cell, max_blocks, ops):
-    """Fixed-length float vector for the predictor: one-hot (input, op) pairs per block, zero-padded,
-    then the share of each op in the cell (shared across depths, so level-b data informs level b+1)."""
+    """Fixed-length vector for the predictor: the mean over blocks of one-hot [in1, op1, in2, op2].
+
+    Averaging over blocks (as PNAS's MLP predictor does) lets what was learnt from b-block
+    cells carry over to their (b+1)-block children.
+    """
     n_inputs, ops = max_blocks + 1, list(ops)
-    width = 2 * (n_inputs + len(ops))
-    vec = torch.zeros(max_blocks * width + len(ops))
-    for b, (in1, op1, in2, op2) in enumerate(canonical(cell)):
-        for half, (i, op) in enumerate(((in1, op1), (in2, op2))):
-            base = b * width + half * (n_inputs + len(ops))
-            vec[base + i] = 1.0
-            vec[base + n_inputs + ops.index(op)] = 1.0
-            vec[max_blocks * width + ops.index(op)] += 1.0 / (2 * len(cell))
+    half = n_inputs + len(ops)
+    vec = torch.zeros(2 * half)
+    for in1, op1, in2, op2 in canonical(cell):
+        for offset, (i, op) in ((0, (in1, op1)), (half, (in2, op2))):
+            vec[offset + i] += 1.0 / len(cell)
+            vec[offset + n_inputs + ops.index(op)] += 1.0 / len(cell)
     return vec
 
 

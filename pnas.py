@@ -47,7 +47,7 @@ class Predictor:
                 torch.manual_seed(self.seed * 1000 + m)
                 rows = torch.randint(len(cells), (len(cells),)) if self.members > 1 else torch.arange(len(cells))
                 model = nn.Sequential(nn.Linear(x.shape[1], self.hidden), nn.ReLU(), nn.Linear(self.hidden, 1))
-                opt = torch.optim.Adam(model.parameters(), lr=self.lr, weight_decay=1e-4)
+                opt = torch.optim.Adam(model.parameters(), lr=self.lr)
                 for _ in range(self.epochs):
                     loss = ((torch.sigmoid(model(x[rows])).squeeze(1) - y[rows]) ** 2).mean()
                     opt.zero_grad()

@@ -1,0 +1,256 @@
+"""Auto-Meta: progressive architecture search for a MAML meta-learner (Kim et al., 2018).
+
+Commands (see README.md for the figures they produce):
+
+    python autometa.py --search                       # tiny search on the built-in synthetic glyphs
+    python autometa.py --search --device cuda --preset paper --data PATH --out runs/paper
+    python autometa.py --data PATH --inspect          # one line per split: classes, images, size
+
+Settings live in `Config`; a preset fills it and every flag overrides one field.
+"""
+import argparse
+import dataclasses
+import hashlib
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+
+import cells
+import data
+import maml
+import pnas
+
+ALL_OPS = tuple(cells.OPS)
+
+
+@dataclass
+class Config:
+    data: str = "synthetic"      # 'synthetic' (built-in glyphs) or a folder in a supported layout
+    image_size: int = 0          # side images are resized to; 0: 28 for synthetic, 84 otherwise
+    ways: int = 5                # N classes per episode
+    shots: int = 1               # K support images per class
+    queries: int = 5             # Q query images per class
+    blocks: int = 3              # B, the most blocks a cell gets
+    beam: int = 5                # K cells scored per level after the first
+    ops: tuple = ALL_OPS         # the op names the search may use
+    max_first: int = 12          # score a seeded sample of this many 1-block cells (0: all 105)
+    cells: int = 1               # normal cells per stage of the network
+    channels: int = 8            # channels of the first stage (doubled at every reduction)
+    reductions: int = 2          # reduction cells (each halves the resolution)
+    stem_stride: int = 2         # stride of the stem convolution
+    meta_iters: int = 60         # meta-iterations per search candidate
+    train_iters: int = 1000      # meta-iterations for --train
+    meta_batch: int = 2          # tasks per meta-iteration (0: 4 for 1-shot, 2 otherwise)
+    inner_steps: int = 1         # SGD steps of adaptation while meta-training
+    test_steps: int = 3          # SGD steps of adaptation when evaluating
+    inner_lr: float = 0.1        # inner-loop (adaptation) learning rate
+    meta_lr: float = 3e-3        # Adam learning rate of the outer loop
+    first_order: bool = True     # drop second-order terms of the meta-gradient
+    eval_episodes: int = 50      # fixed validation episodes a candidate is scored on
+    device: str = "auto"         # 'auto' (CUDA if present), 'cpu', 'cuda' or 'cuda:N'
+    seed: int = 0                # seeds data, episodes, candidates and the predictor
+    out: str = "runs/search"     # output folder (search.jsonl, best.json, ...)
+    cache_dir: str = ""          # where decoded datasets are cached ('' : OUT/../cache)
+
+
+PRESETS = {
+    # Finishes in about 5 minutes on 2 CPU cores and finds a cell clearly above chance.
+    "tiny": {},
+    # The published protocols (MAML and Auto-Meta on Mini-ImageNet); the search sizes are ours.
+    "paper": dict(image_size=84, queries=15, blocks=5, beam=8, max_first=0, channels=16, cells=1,
+                  reductions=3, stem_stride=1, meta_iters=2000, train_iters=60000, meta_batch=0,
+                  inner_steps=5, test_steps=10, inner_lr=0.01, meta_lr=1e-3, first_order=False,
+                  eval_episodes=600, out="runs/paper"),
+}
+
+# Fields that do not change a search's scores, so a resumed search may differ in them.
+RESUME_FREE = {"device", "out", "cache_dir", "train_iters"}
+
+
+class ConfigError(ValueError):
+    """A bad flag or setting; the message names the problem and the fix."""
+
+
+def make_parser():
+    """argparse with one flag per Config field; defaults are None so a preset can fill them."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    mode = p.add_mutually_exclusive_group(required=True)
+    mode.add_argument("--search", action="store_true", help="run a progressive architecture search")
+    mode.add_argument("--inspect", action="store_true", help="print one line per data split")
+    p.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
+    for f in dataclasses.fields(Config):
+        flag = "--" + f.name.replace("_", "-")
+        if f.name == "first_order":
+            p.add_argument("--first-order", dest="first_order", action="store_true", default=None)
+            p.add_argument("--second-order", dest="first_order", action="store_false")
+        elif f.name == "ops":
+            p.add_argument(flag, default=None, help="comma-separated op names (default: all 7)")
+        else:
+            p.add_argument(flag, type=f.type if f.type in (int, float) else str, default=None)
+    return p
+
+
+def make_config(args):
+    """Config from a preset plus the flags given on the command line, validated."""
+    values = dict(PRESETS[args.preset])
+    values.update({k: v for k, v in vars(args).items() if k in Config.__dataclass_fields__ and v is not None})
+    if isinstance(values.get("ops"), str):
+        values["ops"] = tuple(o.strip() for o in values["ops"].split(",") if o.strip())
+    cfg = Config(**values)
+    if not cfg.image_size:
+        cfg.image_size = data.default_image_size(cfg.data)
+    if not cfg.meta_batch:
+        cfg.meta_batch = 4 if cfg.shots == 1 else 2
+    check_config(cfg)
+    return cfg
+
+
+def check_config(cfg):
+    """Raise ConfigError for settings no run can use."""
+    for name in ("image_size", "ways", "shots", "queries", "blocks", "beam", "cells", "channels", "stem_stride",
+                 "meta_iters", "train_iters", "meta_batch", "eval_episodes"):
+        if getattr(cfg, name) <= 0:
+            raise ConfigError(f"--{name.replace('_', '-')} is {getattr(cfg, name)}: it must be a positive integer")
+    for name in ("reductions", "inner_steps", "test_steps", "max_first"):
+        if getattr(cfg, name) < 0:
+            raise ConfigError(f"--{name.replace('_', '-')} is {getattr(cfg, name)}: it must be 0 or more")
+    for name in ("inner_lr", "meta_lr"):
+        if not getattr(cfg, name) > 0:
+            raise ConfigError(f"--{name.replace('_', '-')} is {getattr(cfg, name)}: it must be a positive number")
+    unknown = [o for o in cfg.ops if o not in cells.OPS]
+    if unknown or not cfg.ops:
+        raise ConfigError(f"--ops names unknown op(s) {', '.join(unknown) or '(none given)'}: choose from {', '.join(cells.OPS)}")
+    if cfg.ways < 2:
+        raise ConfigError(f"--ways is {cfg.ways}: an episode needs at least 2 classes")
+
+
+def pick_device(name):
+    """'auto' -> CUDA when present, else CPU; a CUDA device asked for on a machine without one is an error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as e:
+        raise ConfigError(f"--device {name!r} is not a device: use auto, cpu, cuda or cuda:N") from e
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {name} was asked for but this machine has no CUDA GPU: use --device cpu")
+    if device.type not in ("cpu", "cuda"):
+        raise ConfigError(f"--device {name} is not supported: use auto, cpu, cuda or cuda:N")
+    return device
+
+
+def load_data(cfg, splits_needed=("train", "val", "test")):
+    """Load the dataset and check every needed split can give the configured episodes."""
+    cache = cfg.cache_dir or os.path.join(os.path.dirname(os.path.abspath(cfg.out)), "cache")
+    splits = data.load_splits(cfg.data, cfg.image_size, cache, seed=cfg.seed)
+    for name in splits_needed:
+        data.check_split(splits[name], cfg.ways, cfg.shots, cfg.queries)
+    return splits
+
+
+def build_model(cfg, arch):
+    """The network for a cell (or 'conv4') under this config."""
+    return cells.build_network(arch, cfg.ways, cfg.image_size, cfg.channels, cfg.cells, cfg.reductions,
+                               cfg.stem_stride)
+
+
+def candidate_seed(seed, cell):
+    """A seed from (global seed, canonical cell): a candidate's score never depends on search order."""
+    digest = hashlib.sha256(f"{seed}:{cells.cell_key(cell)}".encode()).digest()
+    return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
+
+
+def make_scorer(cfg, splits, device):
+    """score(cell): meta-train a fresh network on train episodes, evaluate on fixed val episodes."""
+    episodes = data.fixed_episodes(splits["val"], cfg.ways, cfg.shots, cfg.queries, cfg.eval_episodes,
+                                   seed=cfg.seed, batch=cfg.meta_batch)
+
+    def score(cell):
+        cell = cells.canonical(cell)  # the same network, weights and seed however the halves are written
+        seed = candidate_seed(cfg.seed, cell)
+        torch.manual_seed(seed)
+        model = build_model(cfg, cell).to(device)
+        sampler = data.EpisodeSampler(splits["train"], cfg.ways, cfg.shots, cfg.queries, seed)
+        optimizer = torch.optim.Adam(model.parameters(), lr=cfg.meta_lr)
+        maml.meta_train(model, optimizer, lambda: sampler.sample(cfg.meta_batch), cfg.meta_iters,
+                        cfg.inner_steps, cfg.inner_lr, cfg.first_order)
+        accuracy, ci95 = maml.evaluate(model, dict(model.named_parameters()), episodes, cfg.test_steps, cfg.inner_lr)
+        return {"accuracy": round(accuracy, 5), "ci95": round(ci95, 5), "params": cells.count_parameters(model)}
+
+    return score
+
+
+def check_resume(cfg):
+    """Refuse to mix a new config into an OUT folder written by another; record the config otherwise."""
+    path = os.path.join(cfg.out, "config.json")
+    current = {k: v for k, v in config_dict(cfg).items() if k not in RESUME_FREE}
+    if os.path.exists(path):
+        try:
+            with open(path) as f:
+                saved = {k: v for k, v in json.load(f).items() if k not in RESUME_FREE}
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{path} is not valid JSON: delete it only if search.jsonl beside it is yours to discard, "
+                              "or choose a new --out") from e
+        changed = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
+        if changed:
+            raise ConfigError(f"{cfg.out} holds a search run with different settings ({', '.join(changed)}): "
+                              f"rerun with the same flags to resume it, or pass a new --out to start fresh")
+    else:
+        os.makedirs(cfg.out, exist_ok=True)
+        pnas.write_json(path, config_dict(cfg))
+
+
+def config_dict(cfg):
+    """Config as JSON-ready data."""
+    d = dataclasses.asdict(cfg)
+    d["ops"] = list(cfg.ops)
+    return d
+
+
+def run_search(cfg):
+    """The --search command."""
+    device = pick_device(cfg.device)
+    check_resume(cfg)
+    splits = load_data(cfg, ("train", "val"))
+    print(f"search: {cfg.blocks} blocks, beam {cfg.beam}, {cfg.ways}-way {cfg.shots}-shot on {cfg.data} "
+          f"({cfg.image_size}x{cfg.image_size}), {cfg.meta_iters} meta-iterations per candidate, device {device}")
+    start = time.time()
+    best = pnas.search(make_scorer(cfg, splits, device), cfg.out, cfg.blocks, cfg.beam, cfg.ops,
+                       cfg.max_first, cfg.seed, config=config_dict(cfg))
+    print(f"best cell: {json.dumps(best['cell'])}")
+    print(f"validation accuracy {100 * best['accuracy']:.2f}% ± {100 * best['ci95']:.2f}% "
+          f"(chance {100 / cfg.ways:.0f}%), {best['params']} parameters")
+    print(f"results in {cfg.out}/: search.jsonl (every candidate), best.json (use with --train); "
+          f"{time.time() - start:.0f} s")
+
+
+def run_inspect(cfg):
+    """The --inspect command."""
+    for line in data.describe(data.load_splits(cfg.data, cfg.image_size, cfg.cache_dir or None, seed=cfg.seed)):
+        print(line)
+
+
+def main(argv=None):
+    """Parse flags, run one command; bad input exits 2 with one sentence."""
+    args = make_parser().parse_args(argv)
+    try:
+        cfg = make_config(args)
+        if args.search:
+            run_search(cfg)
+        elif args.inspect:
+            run_inspect(cfg)
+    except (ConfigError, data.DataError, cells.CellError, pnas.LogError) as e:
+        print(f"autometa: error: {e}", file=sys.stderr)
+        return 2
+    except pnas.SearchError as e:
+        print(f"autometa: search failed: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,630 @@
+"""Tests: each part against an independent reference. Run: python -m pytest -q"""
+import json
+import os
+import pickle
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image
+from torch.func import functional_call
+
+import autometa
+import cells
+import data
+from data import DataError, EpisodeSampler, Split, check_split, describe, fixed_episodes, load_splits
+import maml
+import pnas
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+# ---------------------------------------------------------------------------- maml.py
+
+class TinyNet(nn.Module):
+    """A smooth two-layer net, small enough for finite differences."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(4, 6), nn.Linear(6, 3)
+
+    def forward(self, x):
+        return self.fc2(torch.tanh(self.fc1(x)))
+
+
+def tiny_tasks(tasks=2, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(tasks, 6, 4, generator=g, dtype=torch.float64), torch.randint(3, (tasks, 6), generator=g),
+            torch.randn(tasks, 9, 4, generator=g, dtype=torch.float64), torch.randint(3, (tasks, 9), generator=g))
+
+
+def reference_meta_grad(w, tasks, steps, lr, first_order):
+    """MAML written out by hand on a weight list [W1, b1, W2, b2], with no functional_call and no dicts."""
+    def f(x, w):
+        return torch.tanh(x @ w[0].T + w[1]) @ w[2].T + w[3]
+
+    w = [t.detach().clone().requires_grad_() for t in w]
+    xs, ys, xq, yq = tasks
+    total = 0
+    for t in range(xs.shape[0]):
+        fast = w
+        for _ in range(steps):
+            g = torch.autograd.grad(F.cross_entropy(f(xs[t], fast), ys[t]), fast, create_graph=True)
+            if first_order:
+                g = [gi.detach() for gi in g]
+            fast = [p - lr * gi for p, gi in zip(fast, g)]
+        total = total + F.cross_entropy(f(xq[t], fast), yq[t])
+    return torch.autograd.grad(total / xs.shape[0], w)
+
+
+def ours_meta_grad(model, tasks, steps, lr, first_order):
+    params = dict(model.named_parameters())
+    loss, _ = maml.meta_loss(model, params, tasks, steps, lr, first_order)
+    return torch.autograd.grad(loss, list(params.values()))
+
+
+def test_second_order_meta_gradient_matches_hand_written_double_backward():
+    torch.manual_seed(0)
+    model, tasks = TinyNet().double(), tiny_tasks()
+    w = [model.fc1.weight, model.fc1.bias, model.fc2.weight, model.fc2.bias]
+    ours = ours_meta_grad(model, tasks, steps=2, lr=0.5, first_order=False)
+    ref = reference_meta_grad(w, tasks, steps=2, lr=0.5, first_order=False)
+    for a, b in zip(ours, ref):
+        assert torch.allclose(a, b, atol=1e-12)
+
+
+def test_second_order_meta_gradient_matches_finite_differences():
+    torch.manual_seed(1)
+    model, tasks = TinyNet().double(), tiny_tasks(seed=1)
+    ours = ours_meta_grad(model, tasks, steps=2, lr=0.5, first_order=False)
+    params = dict(model.named_parameters())
+    eps = 1e-6
+
+    def loss_at(name, idx, delta):
+        shifted = {k: v.detach().clone() for k, v in params.items()}
+        shifted[name][idx] += delta
+        return maml.meta_loss(model, {k: v.requires_grad_() for k, v in shifted.items()}, tasks, 2, 0.5)[0].item()
+
+    for (name, p), g in zip(params.items(), ours):
+        for idx in [(0,) * p.dim(), tuple(s - 1 for s in p.shape)]:
+            numeric = (loss_at(name, idx, eps) - loss_at(name, idx, -eps)) / (2 * eps)
+            assert abs(numeric - g[idx].item()) < 1e-6, (name, idx)
+
+
+def test_first_order_equals_detached_reference_and_differs_from_second_order():
+    torch.manual_seed(2)
+    model, tasks = TinyNet().double(), tiny_tasks(seed=2)
+    w = [model.fc1.weight, model.fc1.bias, model.fc2.weight, model.fc2.bias]
+    first = ours_meta_grad(model, tasks, steps=2, lr=0.5, first_order=True)
+    second = ours_meta_grad(model, tasks, steps=2, lr=0.5, first_order=False)
+    ref = reference_meta_grad(w, tasks, steps=2, lr=0.5, first_order=True)
+    for a, b in zip(first, ref):
+        assert torch.allclose(a, b, atol=1e-12)
+    assert max((a - b).abs().max().item() for a, b in zip(first, second)) > 1e-4
+
+
+def test_adapt_with_zero_steps_returns_the_same_weights_and_evaluate_reports_ci():
+    model = TinyNet().double()
+    params = dict(model.named_parameters())
+    assert maml.adapt(model, params, None, None, 0, 0.1) is params
+    mean, ci = maml.evaluate(model, params, [tiny_tasks(4)], steps=1, lr=0.1)
+    assert 0 <= mean <= 1 and ci >= 0
+
+
+def test_meta_step_raises_diverged_on_nan():
+    model = TinyNet().double()
+    xs, ys, xq, yq = tiny_tasks()
+    with pytest.raises(maml.Diverged):
+        maml.meta_step(model, torch.optim.SGD(model.parameters(), 0.1), (xs * float("nan"), ys, xq, yq), 1, 0.1)
+
+
+@pytest.mark.parametrize("arch", ["conv4", cells.AUTOMETA_CELL])
+def test_functional_forward_equals_module_forward(arch):
+    torch.manual_seed(0)
+    model = cells.build_network(arch, 5, 28, channels=4)
+    x = torch.rand(6, 3, 28, 28)
+    assert torch.allclose(functional_call(model, dict(model.named_parameters()), (x,)), model(x), atol=1e-6)
+
+
+# ---------------------------------------------------------------------------- cells.py
+
+@pytest.mark.parametrize("op", list(cells.OPS))
+@pytest.mark.parametrize("size", [21, 28])
+def test_every_op_builds_and_runs_in_normal_and_reduction_positions(op, size):
+    for stride in (1, 2):
+        out = cells.OPS[op](4, stride)(torch.rand(2, 4, size, size))
+        assert out.shape == (2, 4, (size + stride - 1) // stride, (size + stride - 1) // stride)
+    net = cells.Network(((0, op, 1, op), (2, op, 0, op)), n_way=5, channels=4, cells=1, reductions=2)
+    assert net(torch.rand(3, 3, size, size)).shape == (3, 5)
+    assert any(c.reduction for c in net.cells) and any(not c.reduction for c in net.cells)
+
+
+def test_search_space_counts_and_canonical_dedup():
+    ops = list(cells.OPS)
+    level1 = cells.expand((), ops)
+    assert len(level1) == 105 == len({cells.canonical(c) for c in level1})
+    assert all(cells.canonical(c) == c for c in level1)
+    assert len(cells.expand(level1[0], ops)) == 21 * 22 // 2  # 3 inputs x 7 ops, unordered pairs
+    a, b = ((1, "conv_3x3", 0, "identity"),), ((0, "identity", 1, "conv_3x3"),)
+    assert cells.canonical(a) == cells.canonical(b) and cells.cell_key(a) == cells.cell_key(b)
+    assert torch.equal(cells.encode(a, 5, ops), cells.encode(b, 5, ops))
+    assert cells.encode(a, 5, ops).shape == (2 * (6 + 7),)
+
+
+def test_cell_json_round_trip_and_validation(tmp_path):
+    path = tmp_path / "cell.json"
+    path.write_text(json.dumps(cells.cell_to_json(cells.AUTOMETA_CELL)))
+    assert cells.load_arch(str(path)) == cells.AUTOMETA_CELL
+    (tmp_path / "best.json").write_text(json.dumps({"cell": [[1, "conv_3x3", 0, "identity"]], "accuracy": 0.5}))
+    assert cells.load_arch(str(tmp_path / "best.json")) == ((1, "conv_3x3", 0, "identity"),)
+    for bad, words in [([[0, "conv_9x9", 1, "identity"]], "unknown op"), ([[3, "conv_3x3", 1, "identity"]], "input 3"),
+                       ([[0, "conv_3x3"]], "block 0"), ([], "non-empty")]:
+        with pytest.raises(cells.CellError, match=words):
+            cells.parse_cell(bad)
+    (tmp_path / "broken.json").write_text("[[0, ")
+    with pytest.raises(cells.CellError, match="not valid JSON"):
+        cells.load_arch(str(tmp_path / "broken.json"))
+
+
+def test_conv4_has_mamls_parameter_count():
+    assert cells.count_parameters(cells.build_network("conv4", 5, 84)) == 32901
+
+
+def test_unused_cell_inputs_get_no_parameters():
+    net = cells.Network(cells.AUTOMETA_CELL, 5, channels=4)  # never reads input 0
+    assert all(c.pre0 is None for c in net.cells)
+    assert all(p.grad is not None for p in (net(torch.rand(2, 3, 28, 28)).sum().backward(), *net.parameters())[1:])
+
+
+# ---------------------------------------------------------------------------- pnas.py
+
+def test_spearman_against_hand_computed_values():
+    assert pnas.spearman([1, 2, 3, 4], [1, 3, 2, 4]) == pytest.approx(0.8)
+    assert pnas.spearman([1, 2, 3, 4], [40, 30, 20, 10]) == pytest.approx(-1.0)
+    # ties get their average rank: ranks (1, 2.5, 2.5, 4) vs (1, 2, 3, 4)
+    assert pnas.spearman([1, 2, 2, 3], [1, 2, 3, 4]) == pytest.approx(0.9486833)
+    assert pnas.spearman([1, 1, 1], [1, 2, 3]) is None
+
+
+def fake_accuracy(cell):
+    """A known, learnable score: convolutions help, pooling hurts, a bit more per block."""
+    worth = {"conv_3x3": 0.08, "conv_1x5_5x1": 0.06, "sep_conv_3x3": 0.05, "dil_conv_3x3": 0.04,
+             "identity": 0.0, "avg_pool_3x3": -0.02, "max_pool_3x3": -0.03}
+    return 0.3 + sum(worth[b[1]] + worth[b[3]] for b in cell) / (1 + 0.5 * len(cell))
+
+
+def test_predictor_ranks_unseen_cells():
+    ops = list(cells.OPS)
+    level1 = cells.expand((), ops)
+    level2 = [c for p in level1[::10] for c in cells.expand(p, ops)][::7]
+    seen, unseen = level1 + level2[::4], [c for i, c in enumerate(level2) if i % 4]
+    predictor = pnas.Predictor(2, ops, seed=0).fit(seen, [fake_accuracy(c) for c in seen])
+    rho = pnas.spearman(predictor.predict(unseen), [fake_accuracy(c) for c in unseen])
+    assert rho > 0.8
+
+
+def run_fake_search(out, score=None, **kw):
+    args = dict(blocks=3, beam=3, ops=list(cells.OPS), max_first=10, seed=0, log=lambda s: None)
+    args.update(kw)
+    return pnas.search(score or (lambda c: {"accuracy": fake_accuracy(c), "ci95": 0.01, "params": 1}), str(out), **args)
+
+
+def read_lines(path):
+    return [json.loads(line) for line in open(path)]
+
+
+def test_search_logs_every_candidate_finds_a_good_cell_and_resumes_without_rescoring(tmp_path):
+    best = run_fake_search(tmp_path)
+    log = read_lines(tmp_path / "search.jsonl")
+    assert len(log) == 10 + 3 + 3 and [r["level"] for r in log] == [1] * 10 + [2] * 3 + [3] * 3
+    assert {"cell", "blocks", "accuracy", "ci95", "params", "seconds", "predicted", "status"} <= set(log[0])
+    assert best["accuracy"] == max(r["accuracy"] for r in log)
+    assert max(r["accuracy"] for r in log if r["level"] == 3) > max(r["accuracy"] for r in log if r["level"] == 1)
+    saved = json.loads((tmp_path / "best.json").read_text())
+    assert saved["cell"] == best["cell"] and cells.parse_cell(saved["cell"])
+
+    def must_not_score(cell):
+        raise AssertionError("a logged cell was scored again")
+    assert run_fake_search(tmp_path, score=must_not_score) == best
+    assert len(read_lines(tmp_path / "search.jsonl")) == 16
+
+
+def test_search_drops_a_partial_last_line_and_finishes_the_same(tmp_path):
+    full = run_fake_search(tmp_path / "a")
+    lines = (tmp_path / "a" / "search.jsonl").read_text().splitlines(keepends=True)
+    os.makedirs(tmp_path / "b")
+    (tmp_path / "b" / "search.jsonl").write_text("".join(lines[:7]) + lines[7][:25])
+    assert run_fake_search(tmp_path / "b") == full
+    again = read_lines(tmp_path / "b" / "search.jsonl")
+    assert len(again) == 16 and len({json.dumps(r["cell"]) for r in again}) == 16
+
+
+def test_diverged_and_failed_candidates_are_logged_and_the_search_goes_on(tmp_path):
+    def score(cell):
+        if cell[-1][1] == "max_pool_3x3":
+            raise maml.Diverged("meta-loss became nan")
+        if cell[-1][1] == "avg_pool_3x3":
+            raise MemoryError("CUDA out of memory. Tried to allocate\nmore lines")
+        return {"accuracy": fake_accuracy(cell), "ci95": 0.0, "params": 1}
+    run_fake_search(tmp_path, score=score, max_first=0, blocks=2)
+    status = {r["status"] for r in read_lines(tmp_path / "search.jsonl")}
+    assert status == {"ok", "diverged", "failed"}
+    failed = [r for r in read_lines(tmp_path / "search.jsonl") if r["status"] == "failed"]
+    assert failed[0]["error"] == "MemoryError: CUDA out of memory. Tried to allocate"
+
+
+# ---------------------------------------------------------------------------- data.py
+
+# class -> image count per split, named like the real Mini-ImageNet split csvs
+CSV_CLASSES = {'train': {'n01532829': 4, 'n01558993': 5, 'n01704323': 4},
+               'val': {'n01855672': 3, 'n02091244': 3},
+               'test': {'n01930112': 3, 'n01981276': 4}}
+
+
+def random_image(rng, size=20, mode='RGB'):
+    """A PIL image of uniform noise, so that every fixture image is unique."""
+    shape = (size, size, 3) if mode == 'RGB' else (size, size)
+    return Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8), mode)
+
+
+def make_csv_folder(root, rng):
+    """A tiny Ravi & Larochelle layout: images/*.jpg plus {train,val,test}.csv."""
+    (root / 'images').mkdir(parents=True)
+    for split, classes in CSV_CLASSES.items():
+        rows = ['filename,label']
+        for cls, count in classes.items():
+            for i in range(count):
+                name = f'{cls}{i + 5:08d}.jpg'
+                random_image(rng).save(root / 'images' / name)
+                rows.append(f'{name},{cls}')
+        (root / f'{split}.csv').write_text('\n'.join(rows) + '\n')
+    return root
+
+
+def make_pickle_folder(root, rng, size=10):
+    """mini-imagenet-cache-{train,validation,test}.pkl with rows of classes interleaved."""
+    root.mkdir(parents=True)
+    originals = {}
+    for split, n_classes in [('train', 3), ('validation', 2), ('test', 2)]:
+        images = rng.integers(0, 256, (n_classes * 4, size, size, 3), dtype=np.uint8)
+        class_dict = {f'{split}-c{c}': list(range(c, n_classes * 4, n_classes)) for c in range(n_classes)}
+        with open(root / f'mini-imagenet-cache-{split}.pkl', 'wb') as f:
+            pickle.dump({'image_data': images, 'class_dict': class_dict}, f)
+        originals[split] = (images, class_dict)
+    return originals
+
+
+def make_class_folders(root, rng):
+    """train/, validation/, test/ folders of grayscale PNG class folders (Omniglot-style)."""
+    for split, n_classes in [('train', 3), ('validation', 2), ('test', 2)]:
+        for c in range(n_classes):
+            folder = root / split / f'{split}_char{c:02d}'
+            folder.mkdir(parents=True)
+            for i in range(3):
+                random_image(rng, 12, 'L').save(folder / f'{i:04d}.png')
+
+
+@pytest.fixture(scope='module')
+def synthetic():
+    return load_splits('synthetic', seed=0)
+
+
+@pytest.fixture
+def csv_root(tmp_path):
+    return make_csv_folder(tmp_path / 'mini', np.random.default_rng(0))
+
+
+def unique_split(n_classes=6, per_class=8, size=4):
+    """A Split whose image i is filled with the value i, so pixels identify the index."""
+    n = n_classes * per_class
+    images = np.broadcast_to(np.arange(n, dtype=np.uint8)[:, None, None, None], (n, size, size, 3)).copy()
+    labels = np.repeat(np.arange(n_classes), per_class)
+    return Split('train', [f'c{c}' for c in range(n_classes)], images, labels)
+
+
+# ---------------------------------------------------------------------------- layouts
+
+def test_csv_layout(csv_root, tmp_path):
+    splits = load_splits(str(csv_root), image_size=16, cache_dir=str(tmp_path / 'cache'))
+    assert describe(splits) == ['train: 3 classes, 13 images, 16x16', 'val: 2 classes, 6 images, 16x16',
+                                'test: 2 classes, 7 images, 16x16']
+    for name, classes in CSV_CLASSES.items():
+        split = splits[name]
+        assert split.name == name and split.classes == sorted(classes)
+        assert split.images.dtype == np.uint8 and split.labels.dtype == np.int64
+        assert np.bincount(split.labels).tolist() == [classes[c] for c in split.classes]
+    # image i is row i of the csv, converted and resized like an independent PIL call would
+    first = csv_root / 'images' / 'n0155899300000005.jpg'
+    expected = np.asarray(Image.open(first).convert('RGB').resize((16, 16), Image.Resampling.LANCZOS))
+    assert np.array_equal(splits['train'].images[4], expected)
+    assert splits['train'].classes[splits['train'].labels[4]] == 'n01558993'
+
+
+def test_csv_default_image_size_is_84(csv_root, tmp_path):
+    splits = load_splits(str(csv_root), cache_dir=str(tmp_path / 'cache'))
+    assert splits['test'].images.shape == (7, 84, 84, 3)
+    assert data.default_image_size(str(csv_root)) == 84 and data.default_image_size('synthetic') == 28
+
+
+def test_pickle_layout_with_validation_name(tmp_path):
+    originals = make_pickle_folder(tmp_path / 'pkl', np.random.default_rng(1))
+    splits = load_splits(str(tmp_path / 'pkl'), image_size=10, cache_dir=str(tmp_path / 'cache'))
+    assert describe(splits) == ['train: 3 classes, 12 images, 10x10', 'val: 2 classes, 8 images, 10x10',
+                                'test: 2 classes, 8 images, 10x10']
+    images, class_dict = originals['validation']
+    split = splits['val']
+    for label, cls in enumerate(split.classes):
+        assert np.array_equal(split.images[split.labels == label], images[class_dict[cls]])
+    resized = load_splits(str(tmp_path / 'pkl'), image_size=6, cache_dir=str(tmp_path / 'cache'))
+    assert resized['train'].images.shape == (12, 6, 6, 3)
+
+
+def test_class_folder_layout(tmp_path):
+    make_class_folders(tmp_path / 'omni', np.random.default_rng(2))
+    splits = load_splits(str(tmp_path / 'omni'), image_size=8, cache_dir=str(tmp_path / 'cache'))
+    assert describe(splits) == ['train: 3 classes, 9 images, 8x8', 'val: 2 classes, 6 images, 8x8',
+                                'test: 2 classes, 6 images, 8x8']
+    assert splits['val'].classes == ['validation_char00', 'validation_char01']
+    assert splits['train'].labels.tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+    gray = splits['train'].images
+    assert np.array_equal(gray[..., 0], gray[..., 1]) and np.array_equal(gray[..., 0], gray[..., 2])
+
+
+def test_synthetic(synthetic):
+    assert describe(synthetic) == ['train: 64 classes, 1280 images, 28x28',
+                                   'val: 16 classes, 320 images, 28x28',
+                                   'test: 20 classes, 400 images, 28x28']
+    names = [set(synthetic[s].classes) for s in data.SPLITS]
+    assert sum(map(len, names)) == len(set.union(*names)) == 100  # disjoint across splits
+    again = load_splits('synthetic', seed=0)
+    other = load_splits('synthetic', seed=1)
+    for s in data.SPLITS:
+        assert synthetic[s].images.dtype == np.uint8 and synthetic[s].labels.dtype == np.int64
+        assert np.array_equal(synthetic[s].images, again[s].images)
+        assert not np.array_equal(synthetic[s].images, other[s].images)
+    assert load_splits('synthetic', image_size=12, seed=0)['val'].images.shape == (320, 12, 12, 3)
+
+
+def test_synthetic_is_learnable_but_not_trivial(synthetic):
+    # nearest class mean on raw pixels: well above chance (0.2), yet far from solved
+    xs, ys, xq, yq = EpisodeSampler(synthetic['test'], 5, 5, 15, seed=0).sample(100)
+    prototypes = xs.flatten(2).view(100, 5, 5, -1).mean(2)  # (T, N, D)
+    accuracy = (torch.cdist(xq.flatten(2), prototypes).argmin(-1) == yq).float().mean()
+    assert 0.5 < accuracy < 0.97
+
+
+# ---------------------------------------------------------------------------- cache
+
+def test_second_load_reads_the_cache(csv_root, tmp_path, monkeypatch):
+    cache = tmp_path / 'cache'
+    first = load_splits(str(csv_root), image_size=16, cache_dir=str(cache))
+    assert len(list(cache.glob('*.npz'))) == 3
+
+    def no_decoding(path, image_size):
+        raise AssertionError(f'decoded {path} although it is cached')
+    with monkeypatch.context() as m:
+        m.setattr(data, '_read_image', no_decoding)
+        second = load_splits(str(csv_root), image_size=16, cache_dir=str(cache))
+    for s in data.SPLITS:
+        assert np.array_equal(first[s].images, second[s].images) and first[s].classes == second[s].classes
+        assert np.array_equal(first[s].labels, second[s].labels)
+    load_splits(str(csv_root), image_size=12, cache_dir=str(cache))
+    assert len(list(cache.glob('*.npz'))) == 6  # a new image size is a new key
+    random_image(np.random.default_rng(9)).save(csv_root / 'images' / 'n0193011200000005.jpg')
+    os.utime(csv_root / 'images' / 'n0193011200000005.jpg', ns=(1, 1))
+    load_splits(str(csv_root), image_size=12, cache_dir=str(cache))
+    assert len(list(cache.glob('*.npz'))) == 7  # a changed test image is a new key for test only
+    assert not list(cache.glob('*.tmp'))
+
+
+def test_corrupt_cache_is_rebuilt(csv_root, tmp_path):
+    cache = tmp_path / 'cache'
+    first = load_splits(str(csv_root), image_size=16, cache_dir=str(cache))
+    for path in cache.glob('*.npz'):
+        path.write_bytes(path.read_bytes()[:100])
+    second = load_splits(str(csv_root), image_size=16, cache_dir=str(cache))
+    assert np.array_equal(first['train'].images, second['train'].images)
+    assert all(data._read_cache(p, 'x') is not None for p in cache.glob('*.npz'))
+
+
+def test_pickle_cache(tmp_path, monkeypatch):
+    make_pickle_folder(tmp_path / 'pkl', np.random.default_rng(1))
+    first = load_splits(str(tmp_path / 'pkl'), image_size=6, cache_dir=str(tmp_path / 'cache'))
+    monkeypatch.setattr(data, '_read_pickle', lambda *args: pytest.fail('unpickled a cached split'))
+    second = load_splits(str(tmp_path / 'pkl'), image_size=6, cache_dir=str(tmp_path / 'cache'))
+    assert np.array_equal(first['test'].images, second['test'].images)
+
+
+# ---------------------------------------------------------------------------- episodes
+
+def test_episode_shapes_and_labels(synthetic):
+    xs, ys, xq, yq = EpisodeSampler(synthetic['train'], 5, 2, 3, seed=0).sample(4)
+    assert xs.shape == (4, 10, 3, 28, 28) and xq.shape == (4, 15, 3, 28, 28)
+    assert xs.dtype == xq.dtype == torch.float32 and ys.dtype == yq.dtype == torch.int64
+    assert ys.shape == (4, 10) and yq.shape == (4, 15)
+    assert 0 <= xs.min() and xs.max() <= 1 and xs.is_contiguous()
+    for t in range(4):
+        assert torch.bincount(ys[t]).tolist() == [2] * 5 and torch.bincount(yq[t]).tolist() == [3] * 5
+
+
+def test_episode_indices(synthetic):
+    split = unique_split()
+    sampler = EpisodeSampler(split, 4, 3, 5, seed=0)
+    support, query = sampler.sample_indices(50)
+    for t in range(50):
+        assert not set(support[t]) & set(query[t])  # support and query are disjoint
+        assert len(set(support[t])) == 12 and len(set(query[t])) == 20
+        classes = split.labels[support[t]].reshape(4, 3)  # class-major: one class per label
+        assert (classes == classes[:, :1]).all() and len(set(classes[:, 0])) == 4
+        assert (split.labels[query[t]].reshape(4, 5) == classes[:, :1]).all()
+    first_classes = split.labels[support[:, 0]]
+    assert len(set(first_classes.tolist())) > 1  # label 0 is not always the same class
+    xs, ys, xq, yq = sampler.gather(support, query)
+    assert torch.equal((xs[:, :, 0, 0, 0] * 255).round().long(), torch.from_numpy(support))  # pixels match
+    assert torch.equal((xq[:, :, 1, 2, 3] * 255).round().long(), torch.from_numpy(query))
+
+
+def test_episodes_are_deterministic_in_seed(synthetic):
+    a = EpisodeSampler(synthetic['val'], 5, 1, 15, seed=3).sample(2)
+    b = EpisodeSampler(synthetic['val'], 5, 1, 15, seed=3).sample(2)
+    c = EpisodeSampler(synthetic['val'], 5, 1, 15, seed=4).sample(2)
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    assert not torch.equal(a[0], c[0])
+
+
+def test_fixed_episodes(synthetic):
+    a = fixed_episodes(synthetic['test'], 5, 1, 5, n_episodes=7, seed=0, batch=3)
+    b = fixed_episodes(synthetic['test'], 5, 1, 5, n_episodes=7, seed=0, batch=3)
+    assert len(a) == 3 and [batch[0].shape[0] for batch in a] == [3, 3, 1]
+    for x, y in zip(a, b):
+        assert all(torch.equal(u, v) for u, v in zip(x, y))
+    assert all(torch.equal(u, v) for u, v in zip(a[1], a[1]))  # the same on every access
+    assert a[2][0].shape == (1, 5, 3, 28, 28) and a[2][3].shape == (1, 25)
+
+
+# ---------------------------------------------------------------------------- errors
+
+def test_missing_path():
+    with pytest.raises(DataError, match='does not exist.*--data synthetic'):
+        load_splits('/no/such/folder')
+
+
+def test_unknown_layout(tmp_path):
+    (tmp_path / 'train.csv').write_text('filename,label\n')
+    with pytest.raises(DataError, match='matches no supported layout.*train.csv.*pkl.*class folders'):
+        load_splits(str(tmp_path), cache_dir=str(tmp_path / 'cache'))
+
+
+def test_missing_image_in_csv(csv_root, tmp_path):
+    (csv_root / 'images' / 'n0185567200000006.jpg').unlink()
+    with pytest.raises(DataError, match=r'n0185567200000006.jpg listed in .*val.csv does not exist'):
+        load_splits(str(csv_root), image_size=16, cache_dir=str(tmp_path / 'cache'))
+
+
+def test_bad_csv_header(csv_root, tmp_path):
+    text = (csv_root / 'test.csv').read_text()
+    (csv_root / 'test.csv').write_text(text.replace('filename,label', 'file,class'))
+    with pytest.raises(DataError, match="test.csv must start with the header 'filename,label'"):
+        load_splits(str(csv_root), image_size=16, cache_dir=str(tmp_path / 'cache'))
+
+
+def test_truncated_image(csv_root, tmp_path):
+    path = csv_root / 'images' / 'n0170432300000006.jpg'
+    random_image(np.random.default_rng(0), 64).save(path)
+    path.write_bytes(path.read_bytes()[:400])
+    with pytest.raises(DataError, match='cannot read image .*n0170432300000006.jpg') as error:
+        load_splits(str(csv_root), image_size=16, cache_dir=str(tmp_path / 'cache'))
+    assert isinstance(error.value.__cause__, OSError)
+
+
+def test_pickle_without_keys(tmp_path):
+    make_pickle_folder(tmp_path / 'pkl', np.random.default_rng(1))
+    with open(tmp_path / 'pkl' / 'mini-imagenet-cache-test.pkl', 'wb') as f:
+        pickle.dump({'images': np.zeros((2, 4, 4, 3), np.uint8)}, f)
+    with pytest.raises(DataError, match="cache-test.pkl must hold a dict with keys 'image_data'"):
+        load_splits(str(tmp_path / 'pkl'), image_size=4, cache_dir=str(tmp_path / 'cache'))
+
+
+def test_too_few_classes_or_images():
+    split = unique_split(n_classes=6, per_class=8)
+    with pytest.raises(DataError, match='train split has 6 classes.*lower --ways to at most 6'):
+        check_split(split, ways=7, shots=1, queries=1)
+    with pytest.raises(DataError, match=r'class c0 of the train split has 8 images.*= 5 \+ 4 = 9'):
+        EpisodeSampler(split, ways=5, shots=5, queries=4, seed=0)
+    check_split(split, ways=6, shots=5, queries=3)
+
+
+# ---------------------------------------------------------------------------- autometa.py
+
+def cli(*args, cwd=HERE):
+    """Run the command line in a subprocess, as a user would."""
+    return subprocess.run([sys.executable, os.path.join(HERE, "autometa.py"), *args], cwd=cwd,
+                          capture_output=True, text=True, timeout=300)
+
+
+TINY = ["--blocks", "2", "--beam", "2", "--max-first", "3", "--meta-iters", "3", "--eval-episodes", "4",
+        "--channels", "4"]
+
+
+def test_tiny_search_end_to_end_writes_a_valid_log_and_resumes_without_retraining(tmp_path):
+    out = str(tmp_path / "run")
+    first = cli("--search", "--out", out, *TINY)
+    assert first.returncode == 0, first.stderr
+    log = read_lines(os.path.join(out, "search.jsonl"))
+    assert len(log) == 5 and all(r["status"] == "ok" and 0 <= r["accuracy"] <= 1 for r in log)
+    assert all(r["params"] > 0 and r["seconds"] > 0 for r in log)
+    assert [r["predicted"] is None for r in log] == [True] * 3 + [False] * 2
+    best = json.loads(open(os.path.join(out, "best.json")).read())
+    assert best["config"]["blocks"] == 2 and cells.parse_cell(best["cell"])
+    assert "best cell:" in first.stdout and "[level 2/2]" in first.stdout
+    again = cli("--search", "--out", out, *TINY)
+    assert again.returncode == 0 and again.stdout.count("logged") == 5
+    assert read_lines(os.path.join(out, "search.jsonl")) == log
+
+
+def test_candidate_scores_do_not_depend_on_search_order():
+    cfg = autometa.Config(ways=3, shots=1, queries=2, channels=4, meta_iters=2, eval_episodes=3, meta_batch=1,
+                          image_size=28)
+    splits = data.synthetic_splits(28, 0)
+    score = autometa.make_scorer(cfg, splits, torch.device("cpu"))
+    a, b = ((1, "conv_3x3", 0, "identity"),), ((0, "max_pool_3x3", 1, "avg_pool_3x3"),)
+    first = score(a)
+    score(b)
+    assert score(a) == first
+    assert score(((0, "identity", 1, "conv_3x3"),)) == first  # the same cell, halves swapped
+
+
+def test_inspect_prints_one_line_per_split(tmp_path):
+    result = cli("--inspect")
+    assert result.returncode == 0
+    assert result.stdout.splitlines() == ["train: 64 classes, 1280 images, 28x28",
+                                          "val: 16 classes, 320 images, 28x28", "test: 20 classes, 400 images, 28x28"]
+    root = make_csv_folder(tmp_path / "mini", np.random.default_rng(0))
+    result = cli("--inspect", "--data", str(root), "--image-size", "16", "--cache-dir", str(tmp_path / "c"))
+    assert result.stdout.splitlines()[0] == "train: 3 classes, 13 images, 16x16"
+
+
+def test_synthetic_data_is_learnable_by_maml():
+    torch.manual_seed(0)
+    splits = data.synthetic_splits(28, 0)
+    model = cells.build_network("conv4", 5, 28)
+    sampler = data.EpisodeSampler(splits["train"], 5, 1, 5, seed=0)
+    maml.meta_train(model, torch.optim.Adam(model.parameters(), 3e-3), lambda: sampler.sample(2), 60, 1, 0.1,
+                    first_order=True)
+    episodes = data.fixed_episodes(splits["test"], 5, 1, 5, 40, seed=1, batch=10)
+    accuracy, ci95 = maml.evaluate(model, dict(model.named_parameters()), episodes, 3, 0.1)
+    assert accuracy - ci95 > 0.35  # chance is 0.20
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--search", "--data", "/no/such/folder"], "does not exist"),
+    (["--search", "--blocks", "0"], "--blocks is 0"),
+    (["--search", "--channels", "-4"], "--channels is -4"),
+    (["--search", "--ways", "30"], "--ways"),
+    (["--search", "--shots", "15", "--queries", "15"], "--shots"),
+    (["--search", "--ops", "conv_3x3,conv_9x9"], "conv_9x9"),
+    (["--search", "--device", "cuda:0"] if not torch.cuda.is_available() else ["--search", "--device", "tpu"], "--device"),
+    (["--search", "--inner-lr", "0"], "--inner-lr"),
+])
+def test_bad_input_exits_2_with_one_sentence(tmp_path, args, words):
+    result = cli(*args, "--out", str(tmp_path / "out"))
+    assert result.returncode == 2, result.stderr
+    assert words in result.stderr and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_unknown_layout_and_changed_config_exit_2_and_keep_the_log(tmp_path):
+    (tmp_path / "junk").mkdir()
+    (tmp_path / "junk" / "notes.txt").write_text("hello")
+    result = cli("--search", "--data", str(tmp_path / "junk"), "--out", str(tmp_path / "o1"))
+    assert result.returncode == 2 and "layout" in result.stderr
+    out = str(tmp_path / "run")
+    assert cli("--search", "--out", out, *TINY).returncode == 0
+    before = open(os.path.join(out, "search.jsonl")).read()
+    result = cli("--search", "--out", out, *TINY[:-1], "6")
+    assert result.returncode == 2 and "channels" in result.stderr and "--out" in result.stderr
+    assert open(os.path.join(out, "search.jsonl")).read() == before
