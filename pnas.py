@@ -147,10 +147,12 @@ def score_safely(score, cell):
     return result
 
 
-def search(score, out, blocks, beam, ops, max_first=0, seed=0, config=None, log=print, predictor=None):
+def search(score, out, blocks, beam, ops, max_first=0, seed=0, config=None, log=print, predictor=None,
+           on_level=None):
     """Progressive search; `score(cell)` -> {'accuracy', 'ci95', 'params'}. Returns the best record.
 
-    Writes OUT/search.jsonl (one line per scored cell) and OUT/best.json.
+    Writes OUT/search.jsonl (one line per scored cell) and OUT/best.json; `on_level(b, records)`
+    is called after each level with the log records of every cell scored so far.
     """
     os.makedirs(out, exist_ok=True)
     log_path = os.path.join(out, "search.jsonl")
@@ -193,6 +195,8 @@ def search(score, out, blocks, beam, ops, max_first=0, seed=0, config=None, log=
             log(f"level {b}: Spearman rank correlation, predicted vs measured: "
                 + ("n/a" if rho is None else f"{rho:+.3f}") + f" ({len(this_level)} cells)")
         log(f"level {b} done in {time.time() - level_start:.1f} s")
+        if on_level is not None:
+            on_level(b, list(done.values()))
         if b < blocks:
             records = list(measured.values())
             predictor.fit([tuple(map(tuple, r["cell"])) for r in records], [r["accuracy"] for r in records])
