@@ -5,6 +5,8 @@ Commands (see README.md for the figures they produce):
     python autometa.py --search                       # tiny search on the built-in synthetic glyphs
     python autometa.py --search --device cuda --preset paper --data PATH --out runs/paper
     python autometa.py --data PATH --inspect          # one line per split: classes, images, size
+    python autometa.py --train runs/search/best.json  # meta-train a found cell (or conv4, autometa)
+    python autometa.py --eval runs/train-best/best.pt # test accuracy, 95% CI over fixed test episodes
 
 Settings live in `Config`; a preset fills it and every flag overrides one field.
 """
@@ -43,14 +45,17 @@ class Config:
     reductions: int = 2          # reduction cells (each halves the resolution)
     stem_stride: int = 2         # stride of the stem convolution
     meta_iters: int = 60         # meta-iterations per search candidate
-    train_iters: int = 1000      # meta-iterations for --train
+    train_iters: int = 600       # meta-iterations for --train
     meta_batch: int = 2          # tasks per meta-iteration (0: 4 for 1-shot, 2 otherwise)
     inner_steps: int = 1         # SGD steps of adaptation while meta-training
     test_steps: int = 3          # SGD steps of adaptation when evaluating
     inner_lr: float = 0.1        # inner-loop (adaptation) learning rate
     meta_lr: float = 3e-3        # Adam learning rate of the outer loop
     first_order: bool = True     # drop second-order terms of the meta-gradient
-    eval_episodes: int = 50      # fixed validation episodes a candidate is scored on
+    eval_episodes: int = 50      # fixed episodes a candidate is scored on (val) and --eval tests on
+    val_episodes: int = 50       # fixed validation episodes of --train
+    val_every: int = 100         # --train validates and checkpoints every this many iterations
+    log_every: int = 20          # --train prints a progress line every this many iterations
     device: str = "auto"         # 'auto' (CUDA if present), 'cpu', 'cuda' or 'cuda:N'
     seed: int = 0                # seeds data, episodes, candidates and the predictor
     out: str = "runs/search"     # output folder (search.jsonl, best.json, ...)
@@ -64,11 +69,11 @@ PRESETS = {
     "paper": dict(image_size=84, queries=15, blocks=5, beam=8, max_first=0, channels=16, cells=1,
                   reductions=3, stem_stride=1, meta_iters=2000, train_iters=60000, meta_batch=0,
                   inner_steps=5, test_steps=10, inner_lr=0.01, meta_lr=1e-3, first_order=False,
-                  eval_episodes=600, out="runs/paper"),
+                  eval_episodes=600, val_episodes=100, val_every=1000, log_every=100),
 }
 
 # Fields that do not change a search's scores, so a resumed search may differ in them.
-RESUME_FREE = {"device", "out", "cache_dir", "train_iters"}
+RESUME_FREE = {"device", "out", "cache_dir", "train_iters", "eval_episodes", "log_every"}
 
 
 class ConfigError(ValueError):
@@ -81,7 +86,9 @@ def make_parser():
     mode = p.add_mutually_exclusive_group(required=True)
     mode.add_argument("--search", action="store_true", help="run a progressive architecture search")
     mode.add_argument("--inspect", action="store_true", help="print one line per data split")
-    p.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
+    mode.add_argument("--train", metavar="ARCH", help="meta-train conv4, autometa, a cell JSON or a best.json")
+    mode.add_argument("--eval", metavar="CHECKPOINT", help="test a --train checkpoint on fixed test episodes")
+    p.add_argument("--preset", choices=sorted(PRESETS), default=None, help="settings to start from (default: tiny)")
     for f in dataclasses.fields(Config):
         flag = "--" + f.name.replace("_", "-")
         if f.name == "first_order":
@@ -94,12 +101,15 @@ def make_parser():
     return p
 
 
-def make_config(args):
-    """Config from a preset plus the flags given on the command line, validated."""
-    values = dict(PRESETS[args.preset])
+def make_config(args, base=None):
+    """Config from `base` (a preset's or a checkpoint's settings) plus the flags given, validated."""
+    values = dict(base if base is not None else PRESETS[args.preset or "tiny"])
+    if base is not None and args.preset:
+        values.update(PRESETS[args.preset])
     values.update({k: v for k, v in vars(args).items() if k in Config.__dataclass_fields__ and v is not None})
     if isinstance(values.get("ops"), str):
         values["ops"] = tuple(o.strip() for o in values["ops"].split(",") if o.strip())
+    values["ops"] = tuple(values.get("ops", ALL_OPS))
     cfg = Config(**values)
     if not cfg.image_size:
         cfg.image_size = data.default_image_size(cfg.data)
@@ -112,7 +122,7 @@ def make_config(args):
 def check_config(cfg):
     """Raise ConfigError for settings no run can use."""
     for name in ("image_size", "ways", "shots", "queries", "blocks", "beam", "cells", "channels", "stem_stride",
-                 "meta_iters", "train_iters", "meta_batch", "eval_episodes"):
+                 "meta_iters", "train_iters", "meta_batch", "eval_episodes", "val_episodes", "val_every", "log_every"):
         if getattr(cfg, name) <= 0:
             raise ConfigError(f"--{name.replace('_', '-')} is {getattr(cfg, name)}: it must be a positive integer")
     for name in ("reductions", "inner_steps", "test_steps", "max_first"):
@@ -184,7 +194,7 @@ def make_scorer(cfg, splits, device):
     return score
 
 
-def check_resume(cfg):
+def check_resume(cfg, kind="search"):
     """Refuse to mix a new config into an OUT folder written by another; record the config otherwise."""
     path = os.path.join(cfg.out, "config.json")
     current = {k: v for k, v in config_dict(cfg).items() if k not in RESUME_FREE}
@@ -193,11 +203,11 @@ def check_resume(cfg):
             with open(path) as f:
                 saved = {k: v for k, v in json.load(f).items() if k not in RESUME_FREE}
         except json.JSONDecodeError as e:
-            raise ConfigError(f"{path} is not valid JSON: delete it only if search.jsonl beside it is yours to discard, "
+            raise ConfigError(f"{path} is not valid JSON: delete it only if the run beside it is yours to discard, "
                               "or choose a new --out") from e
         changed = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
         if changed:
-            raise ConfigError(f"{cfg.out} holds a search run with different settings ({', '.join(changed)}): "
+            raise ConfigError(f"{cfg.out} holds a {kind} run with different settings ({', '.join(changed)}): "
                               f"rerun with the same flags to resume it, or pass a new --out to start fresh")
     else:
         os.makedirs(cfg.out, exist_ok=True)
@@ -228,6 +238,150 @@ def run_search(cfg):
           f"{time.time() - start:.0f} s")
 
 
+# ---------------------------------------------------------------------------- --train and --eval
+
+def arch_name(arch):
+    """'conv4' or a cell's JSON text, for logs and checkpoints."""
+    return arch if arch == "conv4" else json.dumps(cells.cell_to_json(arch))
+
+
+def save_checkpoint(path, state):
+    """torch.save atomically: a temporary file, then a rename, so a kill never leaves half a file."""
+    tmp = f"{path}.tmp"
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path):
+    """A checkpoint written by --train; a missing or unreadable file is a ConfigError."""
+    if not os.path.isfile(path):
+        raise ConfigError(f"checkpoint {path} does not exist: pass a best.pt or last.pt written by --train")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch.load raises many types for a damaged file
+        raise ConfigError(f"checkpoint {path} cannot be read ({type(e).__name__}): it is damaged or not a "
+                          "torch file; use another checkpoint or retrain with --train") from e
+    missing = {"model", "config", "arch", "iteration"} - set(state) if isinstance(state, dict) else {"model"}
+    if missing:
+        raise ConfigError(f"{path} is not an autometa checkpoint (no {', '.join(sorted(missing))}): "
+                          "pass a best.pt or last.pt written by --train")
+    return state
+
+
+def parse_arch(text):
+    """'conv4' stays a name; anything else becomes a validated cell tuple."""
+    return "conv4" if text == "conv4" else cells.load_arch(text)
+
+
+class Trainer:
+    """Meta-trains one architecture with maml.meta_train, validating, logging and checkpointing."""
+
+    def __init__(self, cfg, arch, splits, device):
+        self.cfg, self.arch = cfg, arch
+        torch.manual_seed(cfg.seed)
+        self.model = build_model(cfg, arch).to(device)
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=cfg.meta_lr)
+        self.sampler = data.EpisodeSampler(splits["train"], cfg.ways, cfg.shots, cfg.queries, cfg.seed)
+        self.val = data.fixed_episodes(splits["val"], cfg.ways, cfg.shots, cfg.queries, cfg.val_episodes,
+                                       seed=cfg.seed + 1, batch=cfg.meta_batch)
+        self.iteration, self.history, self.best = 0, [], None
+        self.log_path = os.path.join(cfg.out, "train.jsonl")
+
+    def state(self):
+        """Everything needed to resume training or to evaluate without the original flags."""
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "iteration": self.iteration, "config": config_dict(self.cfg), "arch": arch_name(self.arch),
+                "history": self.history, "best": self.best, "sampler_rng": self.sampler.rng.bit_generator.state,
+                "torch_rng": torch.get_rng_state()}
+
+    def restore(self, state):
+        """Continue from a last.pt; train.jsonl rows written after it are dropped."""
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.iteration, self.history, self.best = state["iteration"], state["history"], state["best"]
+        self.sampler.rng.bit_generator.state = state["sampler_rng"]
+        torch.set_rng_state(state["torch_rng"])
+        rows = [json.loads(line) for line in open(self.log_path) if line.endswith("\n")] \
+            if os.path.exists(self.log_path) else []
+        with open(self.log_path, "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in rows if r["iteration"] <= self.iteration)
+
+    def on_step(self, i, loss, accuracy):
+        """After meta-iteration i: log, and every val_every iterations validate and checkpoint."""
+        cfg, self.iteration = self.cfg, i + 1
+        row = {"iteration": self.iteration, "loss": round(loss, 5), "train_accuracy": round(accuracy, 5),
+               "val_accuracy": None, "seconds": round(time.time() - self.start, 2)}
+        if self.iteration % cfg.val_every == 0 or self.iteration == cfg.train_iters:
+            row["val_accuracy"], _ = maml.evaluate(self.model, dict(self.model.named_parameters()), self.val,
+                                                   cfg.test_steps, cfg.inner_lr)
+            self.history.append({"iteration": self.iteration, "val_accuracy": row["val_accuracy"]})
+            if self.best is None or row["val_accuracy"] > self.best["val_accuracy"]:
+                self.best = dict(self.history[-1])
+                save_checkpoint(os.path.join(cfg.out, "best.pt"), self.state())
+            save_checkpoint(os.path.join(cfg.out, "last.pt"), self.state())
+        if row["val_accuracy"] is not None or self.iteration % cfg.log_every == 0:
+            pnas.append_log(self.log_path, row)
+            done = self.iteration - self.first
+            rate = done / max(row["seconds"], 1e-9)
+            val = "" if row["val_accuracy"] is None else f"  val {100 * row['val_accuracy']:5.2f}%"
+            print(f"iter {self.iteration}/{cfg.train_iters}  loss {loss:.4f}  train {100 * accuracy:5.2f}%{val}  "
+                  f"{rate:.2f} it/s  ETA {(cfg.train_iters - self.iteration) / rate / 60:.1f} min", flush=True)
+
+    def run(self):
+        """Meta-train from the current iteration to cfg.train_iters."""
+        self.start, self.first = time.time(), self.iteration
+        maml.meta_train(self.model, self.optimizer, lambda: self.sampler.sample(self.cfg.meta_batch),
+                        self.cfg.train_iters, self.cfg.inner_steps, self.cfg.inner_lr, self.cfg.first_order,
+                        start=self.iteration, callback=self.on_step)
+
+
+def run_train(cfg, arch_text):
+    """The --train command: resumes from OUT/last.pt when it exists."""
+    arch = parse_arch(arch_text)
+    device = pick_device(cfg.device)
+    check_resume(cfg, "train")
+    splits = load_data(cfg, ("train", "val"))
+    trainer = Trainer(cfg, arch, splits, device)
+    last = os.path.join(cfg.out, "last.pt")
+    if os.path.exists(last):
+        state = load_checkpoint(last)
+        if state["arch"] != arch_name(arch):
+            raise ConfigError(f"{cfg.out} holds training of another architecture: pass a new --out to start fresh")
+        trainer.restore(state)
+        print(f"resuming from {last} at iteration {trainer.iteration}")
+    print(f"train: {arch_name(arch)}, {cells.count_parameters(trainer.model)} parameters, {cfg.ways}-way "
+          f"{cfg.shots}-shot on {cfg.data}, {cfg.train_iters} meta-iterations, device {device}")
+    try:
+        trainer.run()
+    except KeyboardInterrupt:
+        print(f"interrupted: rerun the same command to resume from the last checkpoint in {cfg.out}", file=sys.stderr)
+        return 130
+    if trainer.iteration == cfg.train_iters and trainer.best is not None:
+        print(f"best validation accuracy {100 * trainer.best['val_accuracy']:.2f}% at iteration "
+              f"{trainer.best['iteration']}; checkpoints in {cfg.out}/ (best.pt, last.pt), log in train.jsonl")
+    return 0
+
+
+def run_eval(args):
+    """The --eval command: the standard protocol on fixed, seeded test episodes."""
+    state = load_checkpoint(args.eval)
+    cfg = make_config(args, base=state["config"])
+    device = pick_device(cfg.device)
+    splits = load_data(cfg, ("test",))
+    model = build_model(cfg, parse_arch_json(state["arch"])).to(device)
+    model.load_state_dict(state["model"])
+    episodes = data.fixed_episodes(splits["test"], cfg.ways, cfg.shots, cfg.queries, cfg.eval_episodes,
+                                   seed=cfg.seed + 2, batch=cfg.meta_batch)
+    accuracy, ci95 = maml.evaluate(model, dict(model.named_parameters()), episodes, cfg.test_steps, cfg.inner_lr)
+    print(f"test accuracy: {100 * accuracy:.2f}% ± {100 * ci95:.2f}% (95% CI, {cfg.eval_episodes} episodes)")
+    return 0
+
+
+def parse_arch_json(name):
+    """The inverse of arch_name."""
+    return "conv4" if name == "conv4" else cells.parse_cell(json.loads(name))
+
+
 def run_inspect(cfg):
     """The --inspect command."""
     for line in data.describe(data.load_splits(cfg.data, cfg.image_size, cfg.cache_dir or None, seed=cfg.seed)):
@@ -238,11 +392,17 @@ def main(argv=None):
     """Parse flags, run one command; bad input exits 2 with one sentence."""
     args = make_parser().parse_args(argv)
     try:
+        if args.eval:
+            return run_eval(args)
         cfg = make_config(args)
         if args.search:
             run_search(cfg)
         elif args.inspect:
             run_inspect(cfg)
+        elif args.train:
+            if args.out is None:
+                cfg.out = os.path.join("runs", "train-" + os.path.splitext(os.path.basename(args.train))[0])
+            return run_train(cfg, args.train)
     except (ConfigError, data.DataError, cells.CellError, pnas.LogError) as e:
         print(f"autometa: error: {e}", file=sys.stderr)
         return 2

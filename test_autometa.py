@@ -628,3 +628,53 @@ def test_unknown_layout_and_changed_config_exit_2_and_keep_the_log(tmp_path):
     result = cli("--search", "--out", out, *TINY[:-1], "6")
     assert result.returncode == 2 and "channels" in result.stderr and "--out" in result.stderr
     assert open(os.path.join(out, "search.jsonl")).read() == before
+
+
+# ---------------------------------------------------------------------------- --train and --eval
+
+TRAIN = ["--ways", "3", "--queries", "2", "--val-episodes", "4", "--eval-episodes", "6", "--val-every", "3",
+         "--log-every", "1", "--channels", "4"]
+
+
+def test_resumed_training_equals_uninterrupted_training(tmp_path, capsys):
+    arch = str(tmp_path / "cell.json")
+    open(arch, "w").write(json.dumps([[1, "conv_3x3", 0, "max_pool_3x3"]]))
+    whole, parts = str(tmp_path / "whole"), str(tmp_path / "parts")
+    assert autometa.main(["--train", arch, "--out", whole, "--train-iters", "6", *TRAIN]) == 0
+    assert autometa.main(["--train", arch, "--out", parts, "--train-iters", "3", *TRAIN]) == 0
+    assert autometa.main(["--train", arch, "--out", parts, "--train-iters", "6", *TRAIN]) == 0
+    assert "resuming from" in capsys.readouterr().out
+    a = torch.load(os.path.join(whole, "last.pt"), weights_only=True)
+    b = torch.load(os.path.join(parts, "last.pt"), weights_only=True)
+    assert a["iteration"] == b["iteration"] == 6 and a["history"] == b["history"]
+    for name in a["model"]:
+        assert torch.equal(a["model"][name], b["model"][name]), name
+    rows = read_lines(os.path.join(parts, "train.jsonl"))
+    assert [r["iteration"] for r in rows] == list(range(1, 7))
+    assert [r["loss"] for r in rows] == [r["loss"] for r in read_lines(os.path.join(whole, "train.jsonl"))]
+
+
+def test_eval_is_deterministic_and_needs_only_the_checkpoint(tmp_path):
+    out = str(tmp_path / "run")
+    assert cli("--train", "conv4", "--out", out, "--train-iters", "3", *TRAIN).returncode == 0
+    state = torch.load(os.path.join(out, "best.pt"), weights_only=True)
+    assert {"model", "optimizer", "iteration", "config", "arch", "history"} <= set(state)
+    first = cli("--eval", os.path.join(out, "best.pt"), cwd=str(tmp_path))  # no flags, another folder
+    second = cli("--eval", os.path.join(out, "best.pt"), cwd=str(tmp_path))
+    assert first.returncode == 0, first.stderr
+    assert first.stdout == second.stdout
+    assert first.stdout.startswith("test accuracy: ") and "(95% CI, 6 episodes)" in first.stdout
+
+
+def test_missing_or_corrupt_checkpoint_exits_2(tmp_path):
+    result = cli("--eval", str(tmp_path / "nothing.pt"))
+    assert result.returncode == 2 and "does not exist" in result.stderr and "Traceback" not in result.stderr
+    (tmp_path / "bad.pt").write_bytes(b"\x80\x04 not a checkpoint")
+    result = cli("--eval", str(tmp_path / "bad.pt"))
+    assert result.returncode == 2 and "cannot be read" in result.stderr and "Traceback" not in result.stderr
+    torch.save({"weights": 1}, tmp_path / "other.pt")
+    result = cli("--eval", str(tmp_path / "other.pt"))
+    assert result.returncode == 2 and "not an autometa checkpoint" in result.stderr
+    (tmp_path / "cell.json").write_text('[[0, "conv_3x3", 7, "identity"]]')
+    result = cli("--train", str(tmp_path / "cell.json"), "--out", str(tmp_path / "t"))
+    assert result.returncode == 2 and "input 7" in result.stderr and "Traceback" not in result.stderr
