@@ -219,6 +219,9 @@ class Conv4(nn.Sequential):
     """MAML's baseline: 4 x [3x3 conv, BN, ReLU, 2x2 max-pool], then a linear layer."""
 
     def __init__(self, n_way, channels=32, in_channels=3, image_size=84):
+        if image_size < 16:
+            raise CellError(f"conv4 halves the image 4 times and needs at least 16x16 images, not {image_size}: "
+                            "raise --image-size")
         blocks = []
         for i in range(4):
             blocks += [nn.Conv2d(in_channels if i == 0 else channels, channels, 3, padding=1),

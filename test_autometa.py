@@ -4,6 +4,7 @@ import os
 import pickle
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -678,3 +679,79 @@ def test_missing_or_corrupt_checkpoint_exits_2(tmp_path):
     (tmp_path / "cell.json").write_text('[[0, "conv_3x3", 7, "identity"]]')
     result = cli("--train", str(tmp_path / "cell.json"), "--out", str(tmp_path / "t"))
     assert result.returncode == 2 and "input 7" in result.stderr and "Traceback" not in result.stderr
+
+
+# ---------------------------------------------------------------------------- reliability
+
+def bad_folders(root):
+    """One folder per kind of broken dataset a user may point --data at."""
+    rng = np.random.default_rng(0)
+    cases = {}
+    missing = make_csv_folder(root / "missing_image", rng)
+    os.remove(next((missing / "images").iterdir()))
+    cases["missing_image"] = (missing, "does not exist")
+    truncated = make_csv_folder(root / "truncated", rng)
+    victim = sorted((truncated / "images").iterdir())[0]
+    victim.write_bytes(victim.read_bytes()[:60])
+    cases["truncated"] = (truncated, victim.name)
+    (root / "pickle").mkdir()
+    for split in ("train", "val", "test"):
+        with open(root / "pickle" / f"mini-imagenet-cache-{split}.pkl", "wb") as f:
+            pickle.dump({"images": np.zeros((2, 4, 4, 3), np.uint8)}, f)
+    cases["pickle_keys"] = (root / "pickle", "image_data")
+    return cases
+
+
+def test_broken_datasets_exit_2_before_any_training(tmp_path, capsys):
+    for name, (folder, words) in bad_folders(tmp_path).items():
+        out = tmp_path / f"out_{name}"
+        code = autometa.main(["--search", "--data", str(folder), "--out", str(out), "--cache-dir", str(tmp_path / "c")])
+        err = capsys.readouterr().err
+        assert code == 2 and words in err and len(err.strip().splitlines()) == 1, (name, err)
+        assert not (out / "search.jsonl").exists()
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--search", "--max-first", "-1"], "--max-first"),
+    (["--search", "--meta-iters", "0"], "--meta-iters"),
+    (["--search", "--ways", "1"], "--ways"),
+    (["--train", "conv4", "--image-size", "8"], "at least 16x16"),
+    (["--train", "no_such_arch"], "neither a built-in"),
+])
+def test_more_bad_flags_exit_2(tmp_path, capsys, args, words):
+    assert autometa.main([*args, "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert words in err and len(err.strip().splitlines()) == 1
+
+
+def test_out_that_is_a_file_and_malformed_cell_json_exit_2(tmp_path, capsys):
+    (tmp_path / "file").write_text("mine")
+    assert autometa.main(["--search", "--out", str(tmp_path / "file")]) == 2
+    assert "is a file" in capsys.readouterr().err and (tmp_path / "file").read_text() == "mine"
+    (tmp_path / "cell.json").write_text("[[1, 'conv_3x3']")
+    assert autometa.main(["--train", str(tmp_path / "cell.json"), "--out", str(tmp_path / "t")]) == 2
+    assert "not valid JSON" in capsys.readouterr().err
+
+
+def test_killed_search_resumes_to_the_same_log_and_best_cell(tmp_path):
+    """SIGKILL a real search mid-run, rerun it, and compare with an uninterrupted run."""
+    args = ["--search", *TINY, "--blocks", "3"]
+    whole = cli(*args, "--out", str(tmp_path / "whole"))
+    assert whole.returncode == 0, whole.stderr
+    out = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, os.path.join(HERE, "autometa.py"), *args, "--out", str(out)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    log = out / "search.jsonl"
+    deadline = time.time() + 240
+    while time.time() < deadline and (not log.exists() or log.read_text().count("\n") < 2):
+        time.sleep(0.05)
+    proc.kill()
+    proc.wait()
+    assert 2 <= log.read_text().count("\n") < 7, "the kill came too late to test a resume"
+    assert cli(*args, "--out", str(out)).returncode == 0
+
+    def scores(path):
+        return sorted((json.dumps(r["cell"]), r["accuracy"], r["status"]) for r in read_lines(path))
+    assert scores(log) == scores(tmp_path / "whole" / "search.jsonl")  # none lost, none duplicated, same scores
+    assert json.loads((out / "best.json").read_text())["cell"] == \
+        json.loads((tmp_path / "whole" / "best.json").read_text())["cell"]
