@@ -5,6 +5,7 @@ Commands (see README.md for the figures they produce):
     python autometa.py --search                       # tiny search on the built-in synthetic glyphs
     python autometa.py --search --device cuda --preset paper --data PATH --out runs/paper
     python autometa.py --data PATH --inspect          # one line per split: classes, images, size
+    python autometa.py --draw autometa --out cell.png # a picture of a cell (built-in, JSON file or inline JSON)
 
 Settings live in `Config`; a preset fills it and every flag overrides one field.
 """
@@ -23,6 +24,7 @@ import cells
 import data
 import maml
 import pnas
+import report
 
 ALL_OPS = tuple(cells.OPS)
 
@@ -81,6 +83,8 @@ def make_parser():
     mode = p.add_mutually_exclusive_group(required=True)
     mode.add_argument("--search", action="store_true", help="run a progressive architecture search")
     mode.add_argument("--inspect", action="store_true", help="print one line per data split")
+    mode.add_argument("--draw", metavar="CELL", help="draw a cell (built-in name, JSON file or inline JSON list) "
+                      "to the PNG file --out")
     p.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
     for f in dataclasses.fields(Config):
         flag = "--" + f.name.replace("_", "-")
@@ -219,19 +223,45 @@ def run_search(cfg):
     print(f"search: {cfg.blocks} blocks, beam {cfg.beam}, {cfg.ways}-way {cfg.shots}-shot on {cfg.data} "
           f"({cfg.image_size}x{cfg.image_size}), {cfg.meta_iters} meta-iterations per candidate, device {device}")
     start = time.time()
+
+    def refresh(level, records):  # after every level, so a long search can be watched as it goes
+        report.write_report(cfg.out, records, config_dict(cfg))
+
     best = pnas.search(make_scorer(cfg, splits, device), cfg.out, cfg.blocks, cfg.beam, cfg.ops,
-                       cfg.max_first, cfg.seed, config=config_dict(cfg))
+                       cfg.max_first, cfg.seed, config=config_dict(cfg), on_level=refresh)
     print(f"best cell: {json.dumps(best['cell'])}")
     print(f"validation accuracy {100 * best['accuracy']:.2f}% ± {100 * best['ci95']:.2f}% "
           f"(chance {100 / cfg.ways:.0f}%), {best['params']} parameters")
-    print(f"results in {cfg.out}/: search.jsonl (every candidate), best.json (use with --train); "
-          f"{time.time() - start:.0f} s")
+    print(f"results in {cfg.out}/: search.jsonl (every candidate), best.json (use with --train), "
+          f"report.md with report.png and best_cell.png; {time.time() - start:.0f} s")
 
 
 def run_inspect(cfg):
     """The --inspect command."""
     for line in data.describe(data.load_splits(cfg.data, cfg.image_size, cfg.cache_dir or None, seed=cfg.seed)):
         print(line)
+
+
+def run_draw(arch, path):
+    """The --draw command: a picture of a built-in cell, a JSON cell file or an inline JSON list of blocks."""
+    if not path:
+        raise ConfigError("--draw needs --out FILE.png, the file to write the picture to")
+    if not path.lower().endswith(".png"):
+        raise ConfigError(f"--out {path} is not a .png file: --draw writes a PNG, pass --out FILE.png")
+    if arch.lstrip().startswith("["):
+        try:
+            cell = cells.parse_cell(json.loads(arch))
+        except json.JSONDecodeError as e:
+            raise cells.CellError(f"--draw {arch!r} is not valid JSON ({e.msg}): write the cell as a JSON list "
+                                  "of blocks [in1, \"op1\", in2, \"op2\"]") from e
+        title = None
+    else:
+        cell, title = cells.load_arch(arch), os.path.basename(arch)
+    if cell == "conv4":
+        raise cells.CellError("conv4 is MAML's fixed 4-layer network, not a cell: draw a cell such as autometa")
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    report.draw_cell(cell, path, title)
+    print(f"wrote {path}")
 
 
 def main(argv=None):
@@ -243,6 +273,8 @@ def main(argv=None):
             run_search(cfg)
         elif args.inspect:
             run_inspect(cfg)
+        elif args.draw is not None:
+            run_draw(args.draw, args.out)
     except (ConfigError, data.DataError, cells.CellError, pnas.LogError) as e:
         print(f"autometa: error: {e}", file=sys.stderr)
         return 2
