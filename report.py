@@ -143,9 +143,8 @@ class Axes:
 
 
 def value_ticks(lo, hi, pad=0.03, clip=(-math.inf, math.inf)):
-    """Round ticks covering [lo, hi] widened by `pad` of its span (so no point sits on the frame) but not beyond
-    `clip`, as (value, label) pairs, and the limits they span."""
-    span = pad * (hi - lo)
+    """(value, label) ticks covering [lo, hi] widened by `pad` of its span but kept within `clip`, and their limits."""
+    span = pad * (hi - lo)  # so that no point or line sits on the frame
     values = nice_ticks(max(lo - span, clip[0]), min(hi + span, clip[1]))
     return [(v, f"{v:g}") for v in values], (values[0], values[-1])
 
@@ -233,14 +232,16 @@ def plot_predictions(image, box, ok):
 # ---------------------------------------------------------------------------- training
 
 def draw_training(history, path, chance=None):
-    """train.png: loss (left) and train/validation accuracy (right) by iteration; `history` is one dict per logged
-    iteration with 'iteration', 'loss', 'train_accuracy' and optionally 'val_accuracy' (None when not measured)."""
+    """train.png: loss (left) and train/validation accuracy (right) by iteration, from one dict per logged iteration."""
+    # Each dict: 'iteration', 'loss', 'train_accuracy' (a fraction), optionally 'val_accuracy' (None or missing
+    # where not measured) and 'seconds' (elapsed since the start). A non-finite loss is left out of the line.
     image = Image.new("RGB", TRAINING_SIZE, WHITE)
     draw = ImageDraw.Draw(image)
     its = [h["iteration"] for h in history]
-    loss, train = [h["loss"] for h in history], [100 * h["train_accuracy"] for h in history]
+    loss = [h["loss"] if math.isfinite(h["loss"]) else None for h in history]
+    train = [100 * h["train_accuracy"] for h in history]
     val = [None if h.get("val_accuracy") is None else 100 * h["val_accuracy"] for h in history]
-    header = f"iterations {its[0]}-{its[-1]}  ·  last loss {loss[-1]:.3f}"
+    header = f"iterations {its[0]}-{its[-1]}  ·  last loss {history[-1]['loss']:.3f}"
     measured = [(v, i) for v, i in zip(val, its) if v is not None]
     if measured:
         best, at = max(measured)
@@ -251,7 +252,8 @@ def draw_training(history, path, chance=None):
     xticks, xlim = value_ticks(min(its), max(its), pad=0)
     markers = len(history) <= 40
 
-    yticks, ylim = value_ticks(min(loss), max(loss))
+    finite = [v for v in loss if v is not None] or [0.0]
+    yticks, ylim = value_ticks(min(finite), max(finite))
     ax = Axes(image, (95, 130, 610, 470), xlim, ylim)
     ax.frame("Loss", "iteration", "loss", xticks, yticks)
     legend(ax.draw, 95, 102, [("line", RED, "meta-training loss")])
@@ -281,9 +283,10 @@ CELL_NOTE = ("inputs: 0 = cell k-2, 1 = cell k-1, 2+i = block i  ·  a block add
 
 
 class CellLayout:
-    """Where each part of a cell's picture goes. Nodes stand in columns by depth (the two inputs first, the concat
-    last); an edge longer than one column passes a 'via' point in every column it crosses, so no line crosses a box.
-    Items are ('node', n) with n = 0, 1 (inputs), 2 + i (block i), len(cell) + 2 (concat), or ('via', n, column)."""
+    """Where each part of a cell's picture goes: item -> top, height of its output, column."""
+    # Nodes stand in columns by depth (the two inputs first, the concat last). An edge longer than one column
+    # passes a 'via' point in every column it crosses, so no line is drawn across a box. Items are ('node', n)
+    # with n = 0, 1 (inputs), 2 + i (block i), len(cell) + 2 (concat), and ('via', n, column).
 
     def __init__(self, cell):
         self.cell, n = cell, len(cell)
@@ -381,8 +384,7 @@ def arrow(draw, tip, color):
 
 
 def draw_cell(cell, path, title=None):
-    """best_cell.png or --draw: the cell as a graph, each op a box labelled with its name; edges take the colour
-    of the node they leave."""
+    """best_cell.png or --draw: the cell as a graph, each op a labelled box, edges coloured by the node they leave."""
     g = CellLayout([tuple(block) for block in cell])
     title = title or f"cell with {len(cell)} block{'s' if len(cell) > 1 else ''}"
     width = max(g.width, text_width(title, TITLE_SIZE) + 2 * MARGIN, text_width(CELL_NOTE, SMALL_SIZE) + 2 * MARGIN)
@@ -419,10 +421,8 @@ def draw_cell(cell, path, title=None):
             draw.rounded_rectangle([x, box_top, x + g.box_w, box_top + BOX_H], 5, fill=OP_FILL.get(op, GRID),
                                    outline=INK)
             draw.text((x + g.box_w / 2, box_top + BOX_H / 2), op, font=font(TEXT_SIZE), fill=INK, anchor="mm")
-        draw.ellipse([plus_x - PLUS_R, plus_y - PLUS_R, plus_x + PLUS_R, plus_y + PLUS_R], fill=WHITE, outline=INK,
-                     width=2)
-        draw.line([(plus_x - 6, plus_y), (plus_x + 6, plus_y)], fill=INK, width=2)
-        draw.line([(plus_x, plus_y - 6), (plus_x, plus_y + 6)], fill=INK, width=2)
+        draw.circle((plus_x, plus_y), PLUS_R, fill=WHITE, outline=INK, width=2)
+        draw.text((plus_x, plus_y - 1), "+", font=font(TITLE_SIZE), fill=INK, anchor="mm")
     x, top = g.lefts[-1], g.top[("node", g.out)]
     box = [x, top, x + g.size["out"][0], top + g.size["out"][1]]
     draw.rounded_rectangle(box, 6, fill=(242, 242, 242), outline=INK)
