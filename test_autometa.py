@@ -749,10 +749,12 @@ def test_search_writes_its_report_after_every_level(tmp_path, monkeypatch):
     monkeypatch.setattr(autometa, "load_data", lambda cfg, splits_needed: None)
     monkeypatch.setattr(autometa, "make_scorer", lambda cfg, splits, device: lambda cell: dict(
         accuracy=fake_accuracy(cell), ci95=0.01, params=100 * len(cell)))
-    out = str(tmp_path / "run")
-    levels = []
-    monkeypatch.setattr(report, "write_report", lambda o, records, config, write=report.write_report: (
-        levels.append(max(r["level"] for r in records)), write(o, records, config)))
+    out, levels, write = str(tmp_path / "run"), [], report.write_report
+
+    def counting_write(out, records, config):
+        levels.append(max(r["level"] for r in records))
+        write(out, records, config)
+    monkeypatch.setattr(report, "write_report", counting_write)
     assert autometa.main(["--search", "--out", out, *TINY]) == 0
     assert levels == [1, 2]
     for name in ("report.png", "best_cell.png"):
