@@ -7,6 +7,7 @@ Commands (see README.md for the figures they produce):
     python autometa.py --data PATH --inspect          # one line per split: classes, images, size
     python autometa.py --train runs/search/best.json  # meta-train a found cell (or conv4, autometa)
     python autometa.py --eval runs/train-best/best.pt # test accuracy, 95% CI over fixed test episodes
+    python autometa.py --draw autometa --out cell.png # a picture of a cell (built-in, JSON file or inline JSON)
 
 Settings live in `Config`; a preset fills it and every flag overrides one field.
 """
@@ -25,6 +26,7 @@ import cells
 import data
 import maml
 import pnas
+import report
 
 ALL_OPS = tuple(cells.OPS)
 
@@ -88,6 +90,8 @@ def make_parser():
     mode.add_argument("--inspect", action="store_true", help="print one line per data split")
     mode.add_argument("--train", metavar="ARCH", help="meta-train conv4, autometa, a cell JSON or a best.json")
     mode.add_argument("--eval", metavar="CHECKPOINT", help="test a --train checkpoint on fixed test episodes")
+    mode.add_argument("--draw", metavar="CELL", help="draw a cell (built-in name, JSON file or inline JSON list) "
+                      "to the PNG file --out")
     p.add_argument("--preset", choices=sorted(PRESETS), default=None, help="settings to start from (default: tiny)")
     for f in dataclasses.fields(Config):
         flag = "--" + f.name.replace("_", "-")
@@ -231,13 +235,17 @@ def run_search(cfg):
     print(f"search: {cfg.blocks} blocks, beam {cfg.beam}, {cfg.ways}-way {cfg.shots}-shot on {cfg.data} "
           f"({cfg.image_size}x{cfg.image_size}), {cfg.meta_iters} meta-iterations per candidate, device {device}")
     start = time.time()
+
+    def refresh(level, records):  # after every level, so a long search can be watched as it goes
+        report.write_report(cfg.out, records, config_dict(cfg))
+
     best = pnas.search(make_scorer(cfg, splits, device), cfg.out, cfg.blocks, cfg.beam, cfg.ops,
-                       cfg.max_first, cfg.seed, config=config_dict(cfg))
+                       cfg.max_first, cfg.seed, config=config_dict(cfg), on_level=refresh)
     print(f"best cell: {json.dumps(best['cell'])}")
     print(f"validation accuracy {100 * best['accuracy']:.2f}% ± {100 * best['ci95']:.2f}% "
           f"(chance {100 / cfg.ways:.0f}%), {best['params']} parameters")
-    print(f"results in {cfg.out}/: search.jsonl (every candidate), best.json (use with --train); "
-          f"{time.time() - start:.0f} s")
+    print(f"results in {cfg.out}/: search.jsonl (every candidate), best.json (use with --train), "
+          f"report.md with report.png and best_cell.png; {time.time() - start:.0f} s")
 
 
 # ---------------------------------------------------------------------------- --train and --eval
@@ -303,10 +311,16 @@ class Trainer:
         self.iteration, self.history, self.best = state["iteration"], state["history"], state["best"]
         self.sampler.rng.bit_generator.state = state["sampler_rng"]
         torch.set_rng_state(state["torch_rng"])
-        rows = [json.loads(line) for line in open(self.log_path) if line.endswith("\n")] \
-            if os.path.exists(self.log_path) else []
+        rows = [r for r in self.rows() if r["iteration"] <= self.iteration]
         with open(self.log_path, "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in rows if r["iteration"] <= self.iteration)
+            f.writelines(json.dumps(r) + "\n" for r in rows)
+
+    def rows(self):
+        """The complete rows of train.jsonl."""
+        if not os.path.exists(self.log_path):
+            return []
+        with open(self.log_path) as f:
+            return [json.loads(line) for line in f if line.endswith("\n")]
 
     def on_step(self, i, loss, accuracy):
         """After meta-iteration i: log, and every val_every iterations validate and checkpoint."""
@@ -323,6 +337,8 @@ class Trainer:
             save_checkpoint(os.path.join(cfg.out, "last.pt"), self.state())
         if row["val_accuracy"] is not None or self.iteration % cfg.log_every == 0:
             pnas.append_log(self.log_path, row)
+            if row["val_accuracy"] is not None:
+                report.draw_training(self.rows(), os.path.join(cfg.out, "train.png"), chance=1 / cfg.ways)
             done = self.iteration - self.first
             rate = done / max(row["seconds"], 1e-9)
             val = "" if row["val_accuracy"] is None else f"  val {100 * row['val_accuracy']:5.2f}%"
@@ -390,21 +406,45 @@ def run_inspect(cfg):
         print(line)
 
 
+def run_draw(arch, path):
+    """The --draw command: a picture of a built-in cell, a JSON cell file or an inline JSON list of blocks."""
+    if not path:
+        raise ConfigError("--draw needs --out FILE.png, the file to write the picture to")
+    if not path.lower().endswith(".png"):
+        raise ConfigError(f"--out {path} is not a .png file: --draw writes a PNG, pass --out FILE.png")
+    if arch.lstrip().startswith("["):
+        try:
+            cell = cells.parse_cell(json.loads(arch))
+        except json.JSONDecodeError as e:
+            raise cells.CellError(f"--draw {arch!r} is not valid JSON ({e.msg}): write the cell as a JSON list "
+                                  "of blocks [in1, \"op1\", in2, \"op2\"]") from e
+        title = None
+    else:
+        cell, title = cells.load_arch(arch), os.path.basename(arch)
+    if cell == "conv4":
+        raise cells.CellError("conv4 is MAML's fixed 4-layer network, not a cell: draw a cell such as autometa")
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    report.draw_cell(cell, path, title)
+    print(f"wrote {path}")
+
+
 def main(argv=None):
     """Parse flags, run one command; bad input exits 2 with one sentence."""
     args = make_parser().parse_args(argv)
     try:
-        if args.eval:
+        if args.eval is not None:
             return run_eval(args)
         cfg = make_config(args)
         if args.search:
             run_search(cfg)
         elif args.inspect:
             run_inspect(cfg)
-        elif args.train:
+        elif args.train is not None:
             if args.out is None:
                 cfg.out = os.path.join("runs", "train-" + os.path.splitext(os.path.basename(args.train))[0])
             return run_train(cfg, args.train)
+        elif args.draw is not None:
+            run_draw(args.draw, args.out)
     except (ConfigError, data.DataError, cells.CellError, pnas.LogError) as e:
         print(f"autometa: error: {e}", file=sys.stderr)
         return 2

@@ -183,7 +183,7 @@ def search(score, out, blocks, beam, ops, max_first=0, seed=0, config=None, log=
                 append_log(log_path, record)
                 done[key] = record
                 timed.append(record["seconds"])
-            eta = np.mean(timed) * (total - count) if timed else 0.0
+            eta = np.mean(timed) * (total - count) if timed else None  # unknown until a cell is timed
             log(progress_line(b, blocks, i + 1, len(level_cells), record, eta, fresh))
             if record["status"] == "ok":
                 measured[key] = record
@@ -208,11 +208,11 @@ def search(score, out, blocks, beam, ops, max_first=0, seed=0, config=None, log=
 
 
 def progress_line(level, blocks, i, n, record, eta, fresh=True):
-    """One line per candidate: level, i/total, accuracy, seconds (or 'logged' when resumed), ETA."""
+    """One line per candidate: level, i/total, accuracy, seconds (or 'logged' when resumed), ETA of the search."""
     if record["status"] == "ok":
-        result = f"acc {100 * record['accuracy']:5.2f}% ± {100 * record['ci95']:4.2f}"
+        result = f"acc {100 * record['accuracy']:5.2f}% ± {100 * record['ci95']:5.2f}%"
     else:
         result = f"{record['status']}: {record.get('error', '')}"
     seconds = f"{record['seconds']:6.1f} s" if fresh else "  logged"
-    return (f"[level {level}/{blocks}] {i:>3}/{n}  {result}  {seconds}  "
-            f"ETA {eta / 60:5.1f} min  {json.dumps(record['cell'])}")
+    eta = "ETA     ? min" if eta is None else f"ETA {eta / 60:5.1f} min"
+    return f"[level {level}/{blocks}] {i:>3}/{n}  {result}  {seconds}  {eta}  {json.dumps(record['cell'])}"

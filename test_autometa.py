@@ -2,6 +2,7 @@
 import json
 import os
 import pickle
+import random
 import subprocess
 import sys
 import time
@@ -20,6 +21,7 @@ import data
 from data import DataError, EpisodeSampler, Split, check_split, describe, fixed_episodes, load_splits
 import maml
 import pnas
+import report
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -660,6 +662,8 @@ def test_eval_is_deterministic_and_needs_only_the_checkpoint(tmp_path):
     assert cli("--train", "conv4", "--out", out, "--train-iters", "3", *TRAIN).returncode == 0
     state = torch.load(os.path.join(out, "best.pt"), weights_only=True)
     assert {"model", "optimizer", "iteration", "config", "arch", "history"} <= set(state)
+    with Image.open(os.path.join(out, "train.png")) as image:
+        assert image.size == report.TRAINING_SIZE
     first = cli("--eval", os.path.join(out, "best.pt"), cwd=str(tmp_path))  # no flags, another folder
     second = cli("--eval", os.path.join(out, "best.pt"), cwd=str(tmp_path))
     assert first.returncode == 0, first.stderr
@@ -755,3 +759,133 @@ def test_killed_search_resumes_to_the_same_log_and_best_cell(tmp_path):
     assert scores(log) == scores(tmp_path / "whole" / "search.jsonl")  # none lost, none duplicated, same scores
     assert json.loads((out / "best.json").read_text())["cell"] == \
         json.loads((tmp_path / "whole" / "best.json").read_text())["cell"]
+
+
+# ---------------------------------------------------------------------------- report.py
+
+REPORT_CONFIG = {"ways": 5, "shots": 1, "blocks": 3, "data": "synthetic", "image_size": 28, "meta_iters": 60,
+                 "eval_episodes": 50}
+
+
+def random_cell(rng, blocks):
+    """A random valid cell of `blocks` blocks."""
+    ops = list(cells.OPS)
+    return [[rng.randrange(b + 2), rng.choice(ops), rng.randrange(b + 2), rng.choice(ops)] for b in range(blocks)]
+
+
+def fake_log(levels=3):
+    """search.jsonl records: level 2's predictions rank its cells right (rho +1), level 3's exactly wrong (rho -1)."""
+    rng, records = random.Random(0), []
+    for b, accuracies in [(1, [0.31, 0.45, 0.38, 0.52, 0.29, 0.41]), (2, [0.50, 0.58, 0.55, None]),
+                          (3, [0.61, 0.57, 0.66])][:levels]:
+        for k, accuracy in enumerate(accuracies):
+            predicted = None if b == 1 else accuracy if b == 2 else 1 - accuracy
+            records.append(dict(level=b, cell=random_cell(rng, b), blocks=b, accuracy=accuracy,
+                                ci95=None if accuracy is None else 0.04, params=1000 * b + k, seconds=30.0,
+                                predicted=None if predicted is None else round(predicted, 4),
+                                status="ok" if accuracy is not None else "diverged"))
+    return records
+
+
+def assert_picture(path, size=None):
+    """The PNG exists, has the expected size, and is not blank: many colours, a fair share of non-white pixels."""
+    image = Image.open(path).convert("RGB")
+    if size is not None:
+        assert image.size == size
+    pixels = np.asarray(image)
+    assert (pixels.min(axis=2) < 200).mean() > 0.01
+    assert len(image.getcolors(1 << 20)) > 20
+
+
+def test_write_report_writes_pictures_and_a_markdown_summary(tmp_path):
+    records = fake_log()
+    report.write_report(str(tmp_path), records, REPORT_CONFIG)
+    assert_picture(tmp_path / "report.png", report.SEARCH_SIZE)
+    assert_picture(tmp_path / "best_cell.png")
+    md = (tmp_path / "report.md").read_text()
+    assert "![" in md and "(report.png)" in md and "(best_cell.png)" in md
+    best = records[-1]  # 66% at level 3
+    assert json.dumps(best["cell"]) in md.split("## Best cells")[1].split("\n")[4]  # rank 1 row
+    assert "66.00% ± 4.00%" in md and "3,002" in md
+    assert "| 2 | 4 | 3 |" in md  # level 2: 4 scored, 3 ok
+    assert "+1.000" in md and "-1.000" in md  # Spearman of level 2 and level 3
+    assert "Levels finished: 3 of 3" in md and '"meta_iters": 60' in md
+
+
+def test_search_picture_after_the_first_level_and_with_every_cell_failed(tmp_path):
+    report.draw_search(fake_log(levels=1), tmp_path / "one.png", chance=0.2)
+    assert_picture(tmp_path / "one.png", report.SEARCH_SIZE)
+    failed = [dict(r, accuracy=None, ci95=None, status="failed") for r in fake_log(levels=1)]
+    report.write_report(str(tmp_path), failed, REPORT_CONFIG)
+    assert (tmp_path / "report.png").exists() and not (tmp_path / "best_cell.png").exists()
+
+
+def test_draw_training_on_made_up_history(tmp_path):
+    history = [dict(iteration=i, loss=1.6 / (1 + i / 100), train_accuracy=min(1.0, 0.2 + i / 1500), seconds=i / 10)
+               for i in range(10, 1001, 10)]
+    for row in history[9::10]:
+        row["val_accuracy"] = 0.15 + row["iteration"] / 2500
+    history[5]["val_accuracy"] = None
+    report.draw_training(history, tmp_path / "train.png", chance=0.2)
+    assert_picture(tmp_path / "train.png", report.TRAINING_SIZE)
+    report.draw_training([dict(iteration=0, loss=1.61, train_accuracy=0.2)], tmp_path / "one.png")
+    assert_picture(tmp_path / "one.png", report.TRAINING_SIZE)
+
+
+def test_draw_cell_builtins_and_random_cells_put_every_box_in_its_own_place(tmp_path):
+    rng = random.Random(1)
+    drawn = [list(cell) for name, cell in cells.BUILTIN.items() if name != "conv4"]
+    drawn += [random_cell(rng, blocks) for blocks in range(1, 6) for _ in range(3)]
+    for k, cell in enumerate(drawn):
+        path = tmp_path / f"cell{k}.png"
+        report.draw_cell(cell, path)
+        assert_picture(path)
+        image, layout = Image.open(path).convert("RGB"), report.CellLayout([tuple(b) for b in cell])
+        assert image.height == int(layout.height) and image.width >= layout.width - 1
+        for column in layout.columns:  # items of a column never overlap, and all lie inside the picture
+            spans = sorted((layout.top[i], layout.top[i] + layout.size[layout.kind(i)][1]) for i in column)
+            assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:]))
+            assert spans[0][0] > 0 and spans[-1][1] < image.height
+        for node, halves in layout.halves.items():  # each op box is drawn, in its op's colour, where planned
+            x, top = layout.lefts[layout.depth[node]], layout.top[("node", node)]
+            for j, (_, op) in enumerate(halves):
+                y = top + report.CAPTION_H + j * (report.BOX_H + report.BOX_GAP) + 4
+                assert image.getpixel((int(x) + 4, int(y))) == report.OP_FILL[op]
+
+
+def test_draw_command_draws_builtins_inline_json_and_files_and_rejects_bad_cells(tmp_path, capsys):
+    assert autometa.main(["--draw", "autometa", "--out", str(tmp_path / "a.png")]) == 0
+    assert_picture(tmp_path / "a.png")
+    assert autometa.main(["--draw", '[[1, "conv_3x3", 0, "identity"]]', "--out", str(tmp_path / "b.png")]) == 0
+    (tmp_path / "best.json").write_text(json.dumps({"cell": [[0, "identity", 1, "avg_pool_3x3"]], "accuracy": 0.5}))
+    assert autometa.main(["--draw", str(tmp_path / "best.json"), "--out", str(tmp_path / "c.png")]) == 0
+    capsys.readouterr()
+    for args in (["--draw", "conv4", "--out", str(tmp_path / "d.png")],
+                 ["--draw", '[[1, "conv_3x3", 0]]', "--out", str(tmp_path / "d.png")],
+                 ["--draw", '[[1, "conv_3x3"', "--out", str(tmp_path / "d.png")],
+                 ["--draw", '[[2, "conv_3x3", 0, "identity"]]', "--out", str(tmp_path / "d.png")],
+                 ["--draw", "autometa"], ["--draw", "autometa", "--out", str(tmp_path / "d.jpg")]):
+        assert autometa.main(args) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("autometa: error:") and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "d.png").exists()
+
+
+def test_search_writes_its_report_after_every_level(tmp_path, monkeypatch):
+    # Only the wiring is tested here: cells are scored by fake_accuracy, not trained (the end-to-end test trains).
+    monkeypatch.setattr(autometa, "load_data", lambda cfg, splits_needed: None)
+    monkeypatch.setattr(autometa, "make_scorer", lambda cfg, splits, device: lambda cell: dict(
+        accuracy=fake_accuracy(cell), ci95=0.01, params=100 * len(cell)))
+    out, levels, write = str(tmp_path / "run"), [], report.write_report
+
+    def counting_write(out, records, config):
+        levels.append(max(r["level"] for r in records))
+        write(out, records, config)
+    monkeypatch.setattr(report, "write_report", counting_write)
+    assert autometa.main(["--search", "--out", out, *TINY]) == 0
+    assert levels == [1, 2]
+    for name in ("report.png", "best_cell.png"):
+        assert_picture(os.path.join(out, name))
+    md = open(os.path.join(out, "report.md")).read()
+    best = json.load(open(os.path.join(out, "best.json")))
+    assert json.dumps(best["cell"]) in md and "Levels finished: 2 of 2" in md
