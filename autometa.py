@@ -47,7 +47,7 @@ class Config:
     reductions: int = 2          # reduction cells (each halves the resolution)
     stem_stride: int = 2         # stride of the stem convolution
     meta_iters: int = 60         # meta-iterations per search candidate
-    train_iters: int = 600       # meta-iterations for --train
+    train_iters: int = 300       # meta-iterations for --train
     meta_batch: int = 2          # tasks per meta-iteration (0: 4 for 1-shot, 2 otherwise)
     inner_steps: int = 1         # SGD steps of adaptation while meta-training
     test_steps: int = 3          # SGD steps of adaptation when evaluating
@@ -56,7 +56,7 @@ class Config:
     first_order: bool = True     # drop second-order terms of the meta-gradient
     eval_episodes: int = 50      # fixed episodes a candidate is scored on (val) and --eval tests on
     val_episodes: int = 50       # fixed validation episodes of --train
-    val_every: int = 100         # --train validates and checkpoints every this many iterations
+    val_every: int = 50          # --train validates and checkpoints every this many iterations
     log_every: int = 20          # --train prints a progress line every this many iterations
     device: str = "auto"         # 'auto' (CUDA if present), 'cpu', 'cuda' or 'cuda:N'
     seed: int = 0                # seeds data, episodes, candidates and the predictor
