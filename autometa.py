@@ -5,6 +5,7 @@ Commands (see README.md for the figures they produce):
     python autometa.py --search                       # tiny search on the built-in synthetic glyphs
     python autometa.py --search --device cuda --preset paper --data PATH --out runs/paper
     python autometa.py --data PATH --inspect          # one line per split: classes, images, size
+    torchrun --nproc_per_node=4 autometa.py --search  # the same search, candidates shared by 4 processes
 
 Settings live in `Config`; a preset fills it and every flag overrides one field.
 """
@@ -18,6 +19,7 @@ import time
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 
 import cells
 import data
@@ -52,6 +54,7 @@ class Config:
     first_order: bool = True     # drop second-order terms of the meta-gradient
     eval_episodes: int = 50      # fixed validation episodes a candidate is scored on
     device: str = "auto"         # 'auto' (CUDA if present), 'cpu', 'cuda' or 'cuda:N'
+    wait_minutes: float = 60     # under torchrun: how long a process waits for another before failing the job
     seed: int = 0                # seeds data, episodes, candidates and the predictor
     out: str = "runs/search"     # output folder (search.jsonl, best.json, ...)
     cache_dir: str = ""          # where decoded datasets are cached ('' : OUT/../cache)
@@ -68,7 +71,7 @@ PRESETS = {
 }
 
 # Fields that do not change a search's scores, so a resumed search may differ in them.
-RESUME_FREE = {"device", "out", "cache_dir", "train_iters"}
+RESUME_FREE = {"device", "out", "cache_dir", "train_iters", "wait_minutes"}
 
 
 class ConfigError(ValueError):
@@ -118,7 +121,7 @@ def check_config(cfg):
     for name in ("reductions", "inner_steps", "test_steps", "max_first"):
         if getattr(cfg, name) < 0:
             raise ConfigError(f"--{name.replace('_', '-')} is {getattr(cfg, name)}: it must be 0 or more")
-    for name in ("inner_lr", "meta_lr"):
+    for name in ("inner_lr", "meta_lr", "wait_minutes"):
         if not getattr(cfg, name) > 0:
             raise ConfigError(f"--{name.replace('_', '-')} is {getattr(cfg, name)}: it must be a positive number")
     unknown = [o for o in cfg.ops if o not in cells.OPS]
@@ -211,16 +214,45 @@ def config_dict(cfg):
     return d
 
 
+def rank_device(device):
+    """Under torchrun a CUDA device means this process's own GPU, cuda:LOCAL_RANK."""
+    if device.type != "cuda":
+        return device
+    local_rank, gpus = int(os.environ["LOCAL_RANK"]), torch.cuda.device_count()
+    if local_rank >= gpus:
+        raise ConfigError(f"torchrun started process {local_rank} on a machine with {gpus} GPU(s): "
+                          f"pass --nproc_per_node={gpus} or less")
+    torch.cuda.set_device(local_rank)
+    return torch.device("cuda", local_rank)
+
+
 def run_search(cfg):
-    """The --search command."""
-    device = pick_device(cfg.device)
+    """The --search command. Started by torchrun (WORLD_SIZE > 1), every process runs it and they share the work."""
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        return search_with(cfg, team=None)
+    team = pnas.Team.join(cfg.wait_minutes)
+    try:
+        return search_with(cfg, team)
+    finally:
+        team.leave()
+
+
+def search_with(cfg, team):
+    """Search in this process alone (team None) or as one rank of a torchrun job, where rank 0 prints and writes."""
+    device = pick_device(cfg.device) if team is None else rank_device(pick_device(cfg.device))
+    if team is not None and team.rank > 0:  # score what rank 0 shares out; print and write nothing
+        dist.barrier()  # rank 0 decodes and caches the dataset first; this rank then reads the cache
+        return team.serve(make_scorer(cfg, load_data(cfg, ("train", "val")), device))
     check_resume(cfg)
     splits = load_data(cfg, ("train", "val"))
+    if team is not None:
+        dist.barrier()
+        print(f"candidates shared among {team.size} processes (torchrun)")
     print(f"search: {cfg.blocks} blocks, beam {cfg.beam}, {cfg.ways}-way {cfg.shots}-shot on {cfg.data} "
           f"({cfg.image_size}x{cfg.image_size}), {cfg.meta_iters} meta-iterations per candidate, device {device}")
     start = time.time()
     best = pnas.search(make_scorer(cfg, splits, device), cfg.out, cfg.blocks, cfg.beam, cfg.ops,
-                       cfg.max_first, cfg.seed, config=config_dict(cfg))
+                       cfg.max_first, cfg.seed, config=config_dict(cfg), team=team)
     print(f"best cell: {json.dumps(best['cell'])}")
     print(f"validation accuracy {100 * best['accuracy']:.2f}% ± {100 * best['ci95']:.2f}% "
           f"(chance {100 / cfg.ways:.0f}%), {best['params']} parameters")
