@@ -14,6 +14,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -231,10 +232,19 @@ def run_search(cfg):
     if int(os.environ.get("WORLD_SIZE", "1")) == 1:
         return search_with(cfg, team=None)
     team = pnas.Team.join(cfg.wait_minutes)
+    if team.rank == 0:  # torchrun sends SIGTERM to stop the job, e.g. when another process has failed
+        signal.signal(signal.SIGTERM, lambda *_: stopped_by_torchrun(cfg.out))
     try:
         return search_with(cfg, team)
     finally:
         team.leave()
+
+
+def stopped_by_torchrun(out):
+    """Say where the results are and exit now, without waiting for the candidate rank 0 is training."""
+    print(f"autometa: stopped by torchrun (another process failed or the job was interrupted); every result so "
+          f"far is in {out}/search.jsonl: rerun the same command to resume", file=sys.stderr, flush=True)
+    os._exit(1)
 
 
 def search_with(cfg, team):

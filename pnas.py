@@ -251,6 +251,7 @@ class Team:
     def __init__(self, store, rank, size, timeout):
         self.store, self.rank, self.size, self.timeout = store, rank, size, timeout
         self.round = 0  # levels shared so far; it keeps the store keys of different levels apart
+        self.stopping = threading.Event()  # set on rank 0 after an error: its helper thread takes no more cells
 
     @classmethod
     def join(cls, minutes):
@@ -268,19 +269,25 @@ class Team:
         """On rank 0: score `cells` on all ranks, yielding (cell, result) in the order the results arrive."""
         dist.broadcast_object_list([cells], src=0)
         queue = self._next_round()
-        # a store connection serves one call at a time and this thread blocks in wait(): the helper gets its own
-        helper = threading.Thread(target=self._work, args=(self.store.clone(), score, cells, queue), daemon=True)
+        # one store connection per thread, as Store.clone() is meant for. Not a daemon thread: Python
+        # aborts when it exits while a daemon thread is inside torch, so after an error it lets the cell end.
+        helper = threading.Thread(target=self._work, args=(self.store.clone(), score, cells, queue))
         helper.start()
-        for waiting in range(len(cells), 0, -1):
-            try:
-                self.store.wait([f"{queue}/results"], self.timeout)
-            except dist.DistStoreError:
-                raise SearchError(f"no result reached rank 0 for {self._minutes()} with {waiting} candidate(s) of "
-                                  "this level unfinished, so a process has hung or died; every result so far is in "
-                                  "search.jsonl: rerun the same command to resume (raise --wait-minutes if one "
-                                  "candidate can take longer)") from None
-            i, result = json.loads(self.store.queue_pop(f"{queue}/results", False))
-            yield cells[i], result
+        try:
+            for waiting in range(len(cells), 0, -1):
+                deadline = time.monotonic() + self.timeout.total_seconds()
+                while self.store.queue_len(f"{queue}/results") == 0:  # polled, so that signals get through
+                    if time.monotonic() > deadline:
+                        raise SearchError(f"no result reached rank 0 for {self._minutes()} with {waiting} "
+                                          "candidate(s) of this level unfinished, so a process has hung or died; "
+                                          "every result so far is in search.jsonl: rerun the same command to resume "
+                                          "(raise --wait-minutes if one candidate can take longer)")
+                    time.sleep(0.05)
+                i, result = json.loads(self.store.queue_pop(f"{queue}/results", False))
+                yield cells[i], result
+        except BaseException:  # an error here or in the caller (then GeneratorExit): take no more cells
+            self.stopping.set()
+            raise
         helper.join()
 
     def dismiss(self):
@@ -302,7 +309,7 @@ class Team:
 
     def _work(self, store, score, cells, queue):
         """Take cells by index from the shared counter until none is left; push each result with its index."""
-        while (i := store.add(f"{queue}/taken", 1) - 1) < len(cells):
+        while not self.stopping.is_set() and (i := store.add(f"{queue}/taken", 1) - 1) < len(cells):
             store.queue_push(f"{queue}/results", json.dumps([i, score_safely(score, cells[i])]))
 
     def _next_round(self):
