@@ -642,7 +642,7 @@ def torchrun(code, nproc=2, timeout=120, env=None):
 
 def cheap_predictor():
     """A predictor that fits in a blink: these tests check who scores what, not how well it ranks."""
-    return pnas.Predictor(3, list(cells.OPS), members=2, epochs=50)
+    return pnas.Predictor(3, list(cells.OPS), members=1, epochs=20)
 
 
 def fake_rank(out, seconds=0.02, slow=1, crash_after=0, stall_after=0, minutes=1.0):
