@@ -240,17 +240,17 @@ def progress_line(level, blocks, i, n, record, eta, fresh=True):
 class Team:
     """The processes of one torchrun job. Rank 0 runs `search(..., team=team)`, the others `team.serve(score)`.
 
-    For each level rank 0 broadcasts the cells still to score. Every rank (rank 0 in a helper thread)
-    then takes the next cell from a counter in the job's TCPStore, where `add` is atomic, so a rank
-    that finishes early simply takes more and a level lasts about total work / ranks. Each result is
-    pushed onto a queue in the store; rank 0 pops and logs it at once, so killing the job loses only
-    the candidates being trained. Rank 0 alone reads and writes files, fits the predictor and
-    chooses the next level. No wait lasts longer than `timeout`.
+    Everything goes through the job's TCPStore, one round of keys per level. Rank 0 posts the cells
+    still to score; every rank (rank 0 in a helper thread) takes the next one from a counter, where
+    `store.add` is atomic, so a rank that finishes early simply takes more and a level lasts about
+    total work / ranks. Each result is pushed onto a queue in the store; rank 0 pops and logs it at
+    once, so killing the job loses only the candidates being trained. Rank 0 alone reads and writes
+    files, fits the predictor and chooses the next level. No wait lasts longer than `timeout`.
     """
 
     def __init__(self, store, rank, size, timeout):
         self.store, self.rank, self.size, self.timeout = store, rank, size, timeout
-        self.round = 0  # levels shared so far; it keeps the store keys of different levels apart
+        self.levels = 0  # levels shared so far; every level has its own keys in the store
         self.stopping = threading.Event()  # set on rank 0 after an error: its helper thread takes no more cells
 
     @classmethod
@@ -258,7 +258,7 @@ class Team:
         """Join the job torchrun started: RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT are in the environment."""
         timeout = timedelta(minutes=minutes)
         store, rank, size = next(dist.rendezvous("env://", timeout=timeout))
-        # gloo also on GPUs: the ranks exchange a few small messages per level, never tensors
+        # gloo on GPUs too: the process group only marks the job (and serves a barrier), no tensor is sent
         dist.init_process_group("gloo", store=store, rank=rank, world_size=size, timeout=timeout)
         return cls(store, rank, size, timeout)
 
@@ -267,23 +267,22 @@ class Team:
 
     def score_all(self, score, cells):
         """On rank 0: score `cells` on all ranks, yielding (cell, result) in the order the results arrive."""
-        dist.broadcast_object_list([cells], src=0)
-        queue = self._next_round()
+        keys = self._post(cells)
         # one store connection per thread, as Store.clone() is meant for. Not a daemon thread: Python
         # aborts when it exits while a daemon thread is inside torch, so after an error it lets the cell end.
-        helper = threading.Thread(target=self._work, args=(self.store.clone(), score, cells, queue))
+        helper = threading.Thread(target=self._work, args=(self.store.clone(), score, cells, keys))
         helper.start()
         try:
             for waiting in range(len(cells), 0, -1):
                 deadline = time.monotonic() + self.timeout.total_seconds()
-                while self.store.queue_len(f"{queue}/results") == 0:  # polled, so that signals get through
+                while self.store.queue_len(f"{keys}/results") == 0:  # polled, so that signals get through
                     if time.monotonic() > deadline:
                         raise SearchError(f"no result reached rank 0 for {self._minutes()} with {waiting} "
                                           "candidate(s) of this level unfinished, so a process has hung or died; "
                                           "every result so far is in search.jsonl: rerun the same command to resume "
                                           "(raise --wait-minutes if one candidate can take longer)")
                     time.sleep(0.05)
-                i, result = json.loads(self.store.queue_pop(f"{queue}/results", False))
+                i, result = json.loads(self.store.queue_pop(f"{keys}/results", False))
                 yield cells[i], result
         except BaseException:  # an error here or in the caller (then GeneratorExit): take no more cells
             self.stopping.set()
@@ -292,29 +291,36 @@ class Team:
 
     def dismiss(self):
         """On rank 0: tell the other ranks the search is over."""
-        dist.broadcast_object_list([None], src=0)
+        self._post(None)
 
     def serve(self, score):
-        """On the other ranks: score the cells rank 0 shares out, level after level, until it dismisses us."""
+        """On the other ranks: score the cells rank 0 posts, level after level, until it dismisses us."""
         while True:
-            message = [None]
+            keys = self._next_level()
             try:
-                dist.broadcast_object_list(message, src=0)
-            except RuntimeError as e:  # gloo's timeout or a lost connection
-                raise SearchError(f"rank {self.rank} heard nothing from rank 0 for {self._minutes()} or lost it "
-                                  f"({e}); rerun the same command to resume from search.jsonl") from e
-            if message[0] is None:
+                self.store.wait([f"{keys}/cells"], self.timeout)
+            except dist.DistStoreError as e:
+                raise SearchError(f"rank {self.rank} heard nothing from rank 0 for {self._minutes()}, so it has "
+                                  "hung or died; rerun the same command to resume from search.jsonl") from e
+            cells = json.loads(self.store.get(f"{keys}/cells"))
+            if cells is None:
                 return
-            self._work(self.store, score, message[0], self._next_round())
+            self._work(self.store, score, [tuple(map(tuple, cell)) for cell in cells], keys)
 
-    def _work(self, store, score, cells, queue):
+    def _post(self, cells):
+        """Post the cells of the next level (None: the search is over); return the prefix of its keys."""
+        keys = self._next_level()
+        self.store.set(f"{keys}/cells", json.dumps(cells))
+        return keys
+
+    def _work(self, store, score, cells, keys):
         """Take cells by index from the shared counter until none is left; push each result with its index."""
-        while not self.stopping.is_set() and (i := store.add(f"{queue}/taken", 1) - 1) < len(cells):
-            store.queue_push(f"{queue}/results", json.dumps([i, score_safely(score, cells[i])]))
+        while not self.stopping.is_set() and (i := store.add(f"{keys}/taken", 1) - 1) < len(cells):
+            store.queue_push(f"{keys}/results", json.dumps([i, score_safely(score, cells[i])]))
 
-    def _next_round(self):
-        self.round += 1
-        return f"autometa/level-{self.round}"
+    def _next_level(self):
+        self.levels += 1
+        return f"autometa/level-{self.levels}"
 
     def _minutes(self):
         return f"{self.timeout.total_seconds() / 60:g} min"

@@ -633,11 +633,16 @@ def test_unknown_layout_and_changed_config_exit_2_and_keep_the_log(tmp_path):
 
 # ---------------------------------------------------------------------------- distributed search
 
-def torchrun(code, nproc=2, timeout=120, env=None):
-    """Run `python -c code` as `nproc` processes of one torchrun job on this machine."""
-    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-                           "--no-python", sys.executable, "-c", code], cwd=HERE, capture_output=True, text=True,
-                          timeout=timeout, env=env)
+def torchrun(*args, timeout=120):
+    """Run a torchrun job of 2 processes on this machine, as a user would."""
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", *args],
+                          cwd=HERE, capture_output=True, text=True, timeout=timeout)
+
+
+def torchrun_fake(out, **kw):
+    """A fake search under torchrun: every process runs fake_rank(out, **kw)."""
+    code = f"import test_autometa as t; t.fake_rank({str(out)!r}, **{kw!r})"
+    return torchrun("--no-python", sys.executable, "-c", code)
 
 
 def cheap_predictor():
@@ -670,10 +675,9 @@ def fake_rank(out, seconds=0.02, slow=1, crash_after=0, stall_after=0, minutes=1
         team.leave()
 
 
-def results(path):
-    """The log as a set of records, without what depends on the process and the clock."""
-    return {json.dumps({k: v for k, v in r.items() if k not in ("seconds", "params")}, sort_keys=True)
-            for r in read_lines(path)}
+def results(path, ignore=("seconds", "params")):
+    """The log as a set of records, without the clock (and the fake scorer's rank, in `params`)."""
+    return {json.dumps({k: v for k, v in r.items() if k not in ignore}, sort_keys=True) for r in read_lines(path)}
 
 
 @pytest.fixture(scope="module")
@@ -684,7 +688,7 @@ def one_process(tmp_path_factory):
 
 
 def test_two_ranks_log_what_one_process_logs_and_a_faster_rank_takes_more(tmp_path, one_process):
-    result = torchrun(f"import test_autometa as t; t.fake_rank({str(tmp_path)!r}, slow=4)")
+    result = torchrun_fake(tmp_path, slow=4)
     assert result.returncode == 0, result.stderr
     log = read_lines(tmp_path / "search.jsonl")
     assert len(log) == 16 and results(tmp_path / "search.jsonl") == results(one_process / "search.jsonl")
@@ -695,12 +699,12 @@ def test_two_ranks_log_what_one_process_logs_and_a_faster_rank_takes_more(tmp_pa
 
 def test_a_crashed_rank_fails_the_job_and_a_rerun_resumes_from_the_log(tmp_path, one_process):
     started = time.time()
-    crashed = torchrun(f"import test_autometa as t; t.fake_rank({str(tmp_path)!r}, crash_after=3)")
+    crashed = torchrun_fake(tmp_path, crash_after=3)
     assert crashed.returncode != 0 and time.time() - started < 60  # torchrun stopped rank 0, no wait ran out
     assert "exitcode  : 3" in crashed.stderr and "rank      : 1" in crashed.stderr
     kept = read_lines(tmp_path / "search.jsonl")  # every line complete: read_lines parses each
     assert 2 <= len(kept) < 16
-    resumed = torchrun(f"import test_autometa as t; t.fake_rank({str(tmp_path)!r})")
+    resumed = torchrun_fake(tmp_path)
     assert resumed.returncode == 0, resumed.stderr
     log = read_lines(tmp_path / "search.jsonl")
     assert log[:len(kept)] == kept and len(log) == 16  # nothing scored twice
@@ -708,7 +712,7 @@ def test_a_crashed_rank_fails_the_job_and_a_rerun_resumes_from_the_log(tmp_path,
 
 
 def test_a_hung_rank_fails_the_job_after_wait_minutes_with_a_clear_message(tmp_path):
-    hung = torchrun(f"import test_autometa as t; t.fake_rank({str(tmp_path)!r}, stall_after=2, minutes=0.05)")
+    hung = torchrun_fake(tmp_path, stall_after=2, minutes=0.05)
     assert hung.returncode != 0
     assert "no result reached rank 0 for 0.05 min" in hung.stderr and "rerun the same command" in hung.stderr
     assert len(read_lines(tmp_path / "search.jsonl")) >= 1
@@ -719,11 +723,10 @@ def test_tiny_search_under_torchrun_matches_one_process(tmp_path):
     alone = subprocess.run([sys.executable, "autometa.py", "--search", "--out", str(tmp_path / "one"), *TINY],
                            cwd=HERE, capture_output=True, text=True, timeout=300, env=one_thread)
     assert alone.returncode == 0, alone.stderr
-    shared = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-                             "autometa.py", "--search", "--out", str(tmp_path / "two"), *TINY],
-                            cwd=HERE, capture_output=True, text=True, timeout=300)
+    shared = torchrun("autometa.py", "--search", "--out", str(tmp_path / "two"), *TINY, timeout=300)
     assert shared.returncode == 0, shared.stderr
-    assert results(tmp_path / "two" / "search.jsonl") == results(tmp_path / "one" / "search.jsonl")
+    one, two = (results(tmp_path / run / "search.jsonl", ignore=["seconds"]) for run in ("one", "two"))
+    assert two == one and len(one) == 5
     best = [json.loads((tmp_path / run / "best.json").read_text()) for run in ("one", "two")]
     assert [b["cell"] for b in best] == [best[0]["cell"]] * 2 and best[0]["accuracy"] == best[1]["accuracy"]
     assert "shared among 2 processes" in shared.stdout and shared.stdout.count("[level") == 5
