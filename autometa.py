@@ -8,6 +8,7 @@ Commands (see README.md for the figures they produce):
     python autometa.py --train runs/search/best.json  # meta-train a found cell (or conv4, autometa)
     python autometa.py --eval runs/train-best/best.pt # test accuracy, 95% CI over fixed test episodes
     python autometa.py --draw autometa --out cell.png # a picture of a cell (built-in, JSON file or inline JSON)
+    torchrun --nproc_per_node=4 autometa.py --search  # the same search, candidates shared by 4 processes
 
 Settings live in `Config`; a preset fills it and every flag overrides one field.
 """
@@ -16,11 +17,13 @@ import dataclasses
 import hashlib
 import json
 import os
+import signal
 import sys
 import time
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 
 import cells
 import data
@@ -59,6 +62,7 @@ class Config:
     val_every: int = 50          # --train validates and checkpoints every this many iterations
     log_every: int = 20          # --train prints a progress line every this many iterations
     device: str = "auto"         # 'auto' (CUDA if present), 'cpu', 'cuda' or 'cuda:N'
+    wait_minutes: float = 60     # under torchrun: how long a process waits for another before failing the job
     seed: int = 0                # seeds data, episodes, candidates and the predictor
     out: str = "runs/search"     # output folder (search.jsonl, best.json, ...)
     cache_dir: str = ""          # where decoded datasets are cached ('' : OUT/../cache)
@@ -75,7 +79,7 @@ PRESETS = {
 }
 
 # Fields that do not change a search's scores, so a resumed search may differ in them.
-RESUME_FREE = {"device", "out", "cache_dir", "train_iters", "eval_episodes", "log_every"}
+RESUME_FREE = {"device", "out", "cache_dir", "train_iters", "eval_episodes", "log_every", "wait_minutes"}
 
 
 class ConfigError(ValueError):
@@ -132,7 +136,7 @@ def check_config(cfg):
     for name in ("reductions", "inner_steps", "test_steps", "max_first"):
         if getattr(cfg, name) < 0:
             raise ConfigError(f"--{name.replace('_', '-')} is {getattr(cfg, name)}: it must be 0 or more")
-    for name in ("inner_lr", "meta_lr"):
+    for name in ("inner_lr", "meta_lr", "wait_minutes"):
         if not getattr(cfg, name) > 0:
             raise ConfigError(f"--{name.replace('_', '-')} is {getattr(cfg, name)}: it must be a positive number")
     unknown = [o for o in cfg.ops if o not in cells.OPS]
@@ -227,11 +231,49 @@ def config_dict(cfg):
     return d
 
 
+def rank_device(device):
+    """Under torchrun a CUDA device means this process's own GPU, cuda:LOCAL_RANK."""
+    if device.type != "cuda":
+        return device
+    local_rank, gpus = int(os.environ["LOCAL_RANK"]), torch.cuda.device_count()
+    if local_rank >= gpus:
+        raise ConfigError(f"torchrun started process {local_rank} on a machine with {gpus} GPU(s): "
+                          f"pass --nproc_per_node={gpus} or less")
+    torch.cuda.set_device(local_rank)
+    return torch.device("cuda", local_rank)
+
+
 def run_search(cfg):
-    """The --search command."""
-    device = pick_device(cfg.device)
+    """The --search command. Started by torchrun (WORLD_SIZE > 1), every process runs it and they share the work."""
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        return search_with(cfg, team=None)
+    team = pnas.Team.join(cfg.wait_minutes)
+    if team.rank == 0:  # torchrun sends SIGTERM to stop the job, e.g. when another process has failed
+        signal.signal(signal.SIGTERM, lambda *_: stopped_by_torchrun(cfg.out))
+    try:
+        return search_with(cfg, team)
+    finally:
+        team.leave()
+
+
+def stopped_by_torchrun(out):
+    """Say where the results are and exit now, without waiting for the candidate rank 0 is training."""
+    print(f"autometa: stopped by torchrun (another process failed or the job was interrupted); every result so "
+          f"far is in {out}/search.jsonl: rerun the same command to resume", file=sys.stderr, flush=True)
+    os._exit(1)
+
+
+def search_with(cfg, team):
+    """Search in this process alone (team None) or as one rank of a torchrun job, where rank 0 prints and writes."""
+    device = pick_device(cfg.device) if team is None else rank_device(pick_device(cfg.device))
+    if team is not None and team.rank > 0:  # score what rank 0 shares out; print and write nothing
+        dist.barrier()  # rank 0 decodes and caches the dataset first; this rank then reads the cache
+        return team.serve(make_scorer(cfg, load_data(cfg, ("train", "val")), device))
     check_resume(cfg)
     splits = load_data(cfg, ("train", "val"))
+    if team is not None:
+        dist.barrier()
+        print(f"candidates shared among {team.size} processes (torchrun)")
     print(f"search: {cfg.blocks} blocks, beam {cfg.beam}, {cfg.ways}-way {cfg.shots}-shot on {cfg.data} "
           f"({cfg.image_size}x{cfg.image_size}), {cfg.meta_iters} meta-iterations per candidate, device {device}")
     start = time.time()
@@ -240,7 +282,7 @@ def run_search(cfg):
         report.write_report(cfg.out, records, config_dict(cfg))
 
     best = pnas.search(make_scorer(cfg, splits, device), cfg.out, cfg.blocks, cfg.beam, cfg.ops,
-                       cfg.max_first, cfg.seed, config=config_dict(cfg), on_level=refresh)
+                       cfg.max_first, cfg.seed, config=config_dict(cfg), on_level=refresh, team=team)
     print(f"best cell: {json.dumps(best['cell'])}")
     print(f"validation accuracy {100 * best['accuracy']:.2f}% ± {100 * best['ci95']:.2f}% "
           f"(chance {100 / cfg.ways:.0f}%), {best['params']} parameters")

@@ -5,14 +5,19 @@ Level 1 scores every 1-block cell (or a seeded sample), then a predictor is fit 
 block, the predictor ranks the children, the top `beam` are scored and the predictor is
 refit on everything measured so far. Every scored cell is appended at once to
 ``OUT/search.jsonl``; rerunning with the same OUT resumes and scores no cell twice.
+Under torchrun the cells of each level are shared among the processes (`Team`, at the end).
 """
+import itertools
 import json
 import os
 import random
+import threading
 import time
+from datetime import timedelta
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 
 from cells import canonical, cell_key, cell_to_json, encode, expand
@@ -147,12 +152,19 @@ def score_safely(score, cell):
     return result
 
 
+def score_here(score, cells):
+    """Score the cells one after another in this process, yielding (cell, result) as each finishes."""
+    for cell in cells:
+        yield cell, score_safely(score, cell)
+
+
 def search(score, out, blocks, beam, ops, max_first=0, seed=0, config=None, log=print, predictor=None,
-           on_level=None):
+           on_level=None, team=None):
     """Progressive search; `score(cell)` -> {'accuracy', 'ci95', 'params'}. Returns the best record.
 
     Writes OUT/search.jsonl (one line per scored cell) and OUT/best.json; `on_level(b, records)`
-    is called after each level with the log records of every cell scored so far.
+    is called after each level with the log records of every cell scored so far. With a `team`
+    (see Team) this runs on rank 0 and every level is scored by all ranks together.
     """
     os.makedirs(out, exist_ok=True)
     log_path = os.path.join(out, "search.jsonl")
@@ -161,6 +173,7 @@ def search(score, out, blocks, beam, ops, max_first=0, seed=0, config=None, log=
     measured = {}  # cell key -> record, for every ok cell of this search
     total = (len(first_level(ops, max_first, seed)) + beam * (blocks - 1))
     count, timed = 0, []
+    score_all, workers = (score_here, 1) if team is None else (team.score_all, team.size)
 
     level_cells, predicted = first_level(ops, max_first, seed), None
     for b in range(1, blocks + 1):
@@ -170,24 +183,26 @@ def search(score, out, blocks, beam, ops, max_first=0, seed=0, config=None, log=
             scores = predictor.predict(children)
             order = sorted(range(len(children)), key=lambda i: (-scores[i], cell_key(children[i])))[:beam]
             level_cells = [children[i] for i in order]
-            predicted = [float(scores[i]) for i in order]
+            predicted = {cell_key(children[i]): float(scores[i]) for i in order}
         level_start = time.time()
-        for i, cell in enumerate(level_cells):
+        logged = [(cell, None) for cell in level_cells if cell_key(cell) in done]
+        missing = [cell for cell in level_cells if cell_key(cell) not in done]
+        # the cells logged by an earlier run first, then each new result as soon as it arrives
+        for i, (cell, result) in enumerate(itertools.chain(logged, score_all(score, missing)), 1):
             count += 1
-            key = cell_key(cell)
-            record, fresh = done.get(key), key not in done
+            key, fresh = cell_key(cell), result is not None
             if fresh:
-                result = score_safely(score, cell)
                 record = dict(level=b, cell=cell_to_json(canonical(cell)), blocks=len(cell),
-                              predicted=None if predicted is None else round(predicted[i], 4), **result)
+                              predicted=None if predicted is None else round(predicted[key], 4), **result)
                 append_log(log_path, record)
                 done[key] = record
                 timed.append(record["seconds"])
-            eta = np.mean(timed) * (total - count) if timed else None  # unknown until a cell is timed
-            log(progress_line(b, blocks, i + 1, len(level_cells), record, eta, fresh))
-            if record["status"] == "ok":
-                measured[key] = record
+            record = done[key]
+            eta = np.mean(timed) * (total - count) / workers if timed else None  # unknown until a cell is timed
+            log(progress_line(b, blocks, i, len(level_cells), record, eta, fresh))
         this_level = [done[cell_key(c)] for c in level_cells if done[cell_key(c)]["status"] == "ok"]
+        # in level order, not the order results arrived in: the predictor's bootstrap depends on it
+        measured.update((cell_key(r["cell"]), r) for r in this_level)
         if not this_level:
             raise SearchError(f"no candidate of level {b} trained successfully: see {log_path} for each error")
         if predicted is not None:
@@ -204,6 +219,8 @@ def search(score, out, blocks, beam, ops, max_first=0, seed=0, config=None, log=
     best = max(measured.values(), key=lambda r: (r["accuracy"], -r["blocks"]))
     write_json(os.path.join(out, "best.json"),
                {"cell": best["cell"], "accuracy": best["accuracy"], "ci95": best["ci95"], "config": config or {}})
+    if team is not None:
+        team.dismiss()
     return best
 
 
@@ -216,3 +233,94 @@ def progress_line(level, blocks, i, n, record, eta, fresh=True):
     seconds = f"{record['seconds']:6.1f} s" if fresh else "  logged"
     eta = "ETA     ? min" if eta is None else f"ETA {eta / 60:5.1f} min"
     return f"[level {level}/{blocks}] {i:>3}/{n}  {result}  {seconds}  {eta}  {json.dumps(record['cell'])}"
+
+
+# ---------------------------------------------------------------------------- sharing a search among processes
+
+class Team:
+    """The processes of one torchrun job. Rank 0 runs `search(..., team=team)`, the others `team.serve(score)`.
+
+    Everything goes through the job's TCPStore, one round of keys per level. Rank 0 posts the cells
+    still to score; every rank (rank 0 in a helper thread) takes the next one from a counter, where
+    `store.add` is atomic, so a rank that finishes early simply takes more and a level lasts about
+    total work / ranks. Each result is pushed onto a queue in the store; rank 0 pops and logs it at
+    once, so killing the job loses only the candidates being trained. Rank 0 alone reads and writes
+    files, fits the predictor and chooses the next level. No wait lasts longer than `timeout`.
+    """
+
+    def __init__(self, store, rank, size, timeout):
+        self.store, self.rank, self.size, self.timeout = store, rank, size, timeout
+        self.levels = 0  # levels shared so far; every level has its own keys in the store
+        self.stopping = threading.Event()  # set on rank 0 after an error: its helper thread takes no more cells
+
+    @classmethod
+    def join(cls, minutes):
+        """Join the job torchrun started: RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT are in the environment."""
+        timeout = timedelta(minutes=minutes)
+        store, rank, size = next(dist.rendezvous("env://", timeout=timeout))
+        # gloo on GPUs too: the process group only marks the job (and serves a barrier), no tensor is sent
+        dist.init_process_group("gloo", store=store, rank=rank, world_size=size, timeout=timeout)
+        return cls(store, rank, size, timeout)
+
+    def leave(self):
+        dist.destroy_process_group()
+
+    def score_all(self, score, cells):
+        """On rank 0: score `cells` on all ranks, yielding (cell, result) in the order the results arrive."""
+        keys = self._post(cells)
+        # one store connection per thread, as Store.clone() is meant for. Not a daemon thread: Python
+        # aborts when it exits while a daemon thread is inside torch, so after an error it lets the cell end.
+        helper = threading.Thread(target=self._work, args=(self.store.clone(), score, cells, keys))
+        helper.start()
+        try:
+            for waiting in range(len(cells), 0, -1):
+                deadline = time.monotonic() + self.timeout.total_seconds()
+                while self.store.queue_len(f"{keys}/results") == 0:  # polled, so that signals get through
+                    if time.monotonic() > deadline:
+                        raise SearchError(f"no result reached rank 0 for {self._minutes()} with {waiting} "
+                                          "candidate(s) of this level unfinished, so a process has hung or died; "
+                                          "every result so far is in search.jsonl: rerun the same command to resume "
+                                          "(raise --wait-minutes if one candidate can take longer)")
+                    time.sleep(0.05)
+                i, result = json.loads(self.store.queue_pop(f"{keys}/results", False))
+                yield cells[i], result
+        except BaseException:  # an error here or in the caller (then GeneratorExit): take no more cells
+            self.stopping.set()
+            raise
+        helper.join()
+
+    def dismiss(self):
+        """On rank 0: tell the other ranks the search is over."""
+        self._post(None)
+
+    def serve(self, score):
+        """On the other ranks: score the cells rank 0 posts, level after level, until it dismisses us."""
+        while True:
+            keys = self._next_level()
+            try:
+                self.store.wait([f"{keys}/cells"], self.timeout)
+            except dist.DistStoreError as e:
+                raise SearchError(f"rank {self.rank} heard nothing from rank 0 for {self._minutes()}, so it has "
+                                  "hung or died; rerun the same command to resume from search.jsonl") from e
+            cells = json.loads(self.store.get(f"{keys}/cells"))
+            if cells is None:
+                return
+            self._work(self.store, score, [tuple(map(tuple, cell)) for cell in cells], keys)
+
+    def _post(self, cells):
+        """Post the cells of the next level (None: the search is over); return the prefix of its keys."""
+        keys = self._next_level()
+        self.store.set(f"{keys}/cells", json.dumps(cells))
+        return keys
+
+    def _work(self, store, score, cells, keys):
+        """Take cells by index from the shared counter until none is left; push each result with its index."""
+        while not self.stopping.is_set() and (i := store.add(f"{keys}/taken", 1) - 1) < len(cells):
+            store.queue_push(f"{keys}/results", json.dumps([i, score_safely(score, cells[i])]))
+
+    def _next_level(self):
+        self.levels += 1
+        return f"autometa/level-{self.levels}"
+
+    def _minutes(self):
+        return f"{self.timeout.total_seconds() / 60:g} min"

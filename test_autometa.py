@@ -889,3 +889,104 @@ def test_search_writes_its_report_after_every_level(tmp_path, monkeypatch):
     md = open(os.path.join(out, "report.md")).read()
     best = json.load(open(os.path.join(out, "best.json")))
     assert json.dumps(best["cell"]) in md and "Levels finished: 2 of 2" in md
+
+
+# ---------------------------------------------------------------------------- distributed search
+
+def torchrun(*args, timeout=120):
+    """Run a torchrun job of 2 processes on this machine, as a user would."""
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", *args],
+                          cwd=HERE, capture_output=True, text=True, timeout=timeout)
+
+
+def torchrun_fake(out, **kw):
+    """A fake search under torchrun: every process runs fake_rank(out, **kw)."""
+    code = f"import test_autometa as t; t.fake_rank({str(out)!r}, **{kw!r})"
+    return torchrun("--no-python", sys.executable, "-c", code)
+
+
+def cheap_predictor():
+    """A predictor that fits in a blink: these tests check who scores what, not how well it ranks."""
+    return pnas.Predictor(3, list(cells.OPS), members=1, epochs=20)
+
+
+def fake_rank(out, seconds=0.02, slow=1, crash_after=0, stall_after=0, minutes=1.0):
+    """One process of a fake search under torchrun. Its score names the rank that computed it (`params`);
+    rank 1 is `slow` times slower, and dies or hangs on its `crash_after`-th or `stall_after`-th cell."""
+    team = pnas.Team.join(minutes)
+    scored = 0
+
+    def score(cell):
+        nonlocal scored
+        scored += 1
+        if team.rank == 1 and scored == crash_after:
+            os._exit(3)  # like a process killed by the system: no exception, no clean-up
+        if team.rank == 1 and scored == stall_after:
+            time.sleep(600)
+        time.sleep(seconds * (slow if team.rank == 1 else 1))
+        return {"accuracy": fake_accuracy(cell), "ci95": 0.01, "params": team.rank}
+
+    try:
+        if team.rank == 0:
+            run_fake_search(out, score=score, team=team, predictor=cheap_predictor())
+        else:
+            team.serve(score)
+    finally:
+        team.leave()
+
+
+def results(path, ignore=("seconds", "params")):
+    """The log as a set of records, without the clock (and the fake scorer's rank, in `params`)."""
+    return {json.dumps({k: v for k, v in r.items() if k not in ignore}, sort_keys=True) for r in read_lines(path)}
+
+
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory):
+    out = tmp_path_factory.mktemp("one")
+    run_fake_search(out, predictor=cheap_predictor())
+    return out
+
+
+def test_two_ranks_log_what_one_process_logs_and_a_faster_rank_takes_more(tmp_path, one_process):
+    result = torchrun_fake(tmp_path, slow=4)
+    assert result.returncode == 0, result.stderr
+    log = read_lines(tmp_path / "search.jsonl")
+    assert len(log) == 16 and results(tmp_path / "search.jsonl") == results(one_process / "search.jsonl")
+    assert (tmp_path / "best.json").read_text() == (one_process / "best.json").read_text()
+    by_rank0 = sum(r["params"] == 0 for r in log)
+    assert 16 > by_rank0 > 16 / 2  # both worked, and the rank 4 times faster scored more than its half
+
+
+def test_a_crashed_rank_fails_the_job_and_a_rerun_resumes_from_the_log(tmp_path, one_process):
+    started = time.time()
+    crashed = torchrun_fake(tmp_path, crash_after=3)
+    assert crashed.returncode != 0 and time.time() - started < 60  # torchrun stopped rank 0, no wait ran out
+    assert "exitcode  : 3" in crashed.stderr and "rank      : 1" in crashed.stderr
+    kept = read_lines(tmp_path / "search.jsonl")  # every line complete: read_lines parses each
+    assert 2 <= len(kept) < 16
+    resumed = torchrun_fake(tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    log = read_lines(tmp_path / "search.jsonl")
+    assert log[:len(kept)] == kept and len(log) == 16  # nothing scored twice
+    assert results(tmp_path / "search.jsonl") == results(one_process / "search.jsonl")
+
+
+def test_a_hung_rank_fails_the_job_after_wait_minutes_with_a_clear_message(tmp_path):
+    hung = torchrun_fake(tmp_path, stall_after=2, minutes=0.05)
+    assert hung.returncode != 0
+    assert "no result reached rank 0 for 0.05 min" in hung.stderr and "rerun the same command" in hung.stderr
+    assert len(read_lines(tmp_path / "search.jsonl")) >= 1
+
+
+def test_tiny_search_under_torchrun_matches_one_process(tmp_path):
+    one_thread = dict(os.environ, OMP_NUM_THREADS="1")  # torchrun's default: CPU scores depend on the thread count
+    alone = subprocess.run([sys.executable, "autometa.py", "--search", "--out", str(tmp_path / "one"), *TINY],
+                           cwd=HERE, capture_output=True, text=True, timeout=300, env=one_thread)
+    assert alone.returncode == 0, alone.stderr
+    shared = torchrun("autometa.py", "--search", "--out", str(tmp_path / "two"), *TINY, timeout=300)
+    assert shared.returncode == 0, shared.stderr
+    one, two = (results(tmp_path / run / "search.jsonl", ignore=["seconds"]) for run in ("one", "two"))
+    assert two == one and len(one) == 5
+    best = [json.loads((tmp_path / run / "best.json").read_text()) for run in ("one", "two")]
+    assert [b["cell"] for b in best] == [best[0]["cell"]] * 2 and best[0]["accuracy"] == best[1]["accuracy"]
+    assert "shared among 2 processes" in shared.stdout and shared.stdout.count("[level") == 5
