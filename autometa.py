@@ -78,8 +78,12 @@ PRESETS = {
                   eval_episodes=600, val_episodes=100, val_every=1000, log_every=100),
 }
 
-# Fields that do not change a search's scores, so a resumed search may differ in them.
-RESUME_FREE = {"device", "out", "cache_dir", "train_iters", "eval_episodes", "log_every", "wait_minutes"}
+# Fields that do not change a run's results, so a resumed run may differ in them.
+RESUME_FREE = {
+    "search": {"device", "out", "cache_dir", "wait_minutes", "train_iters", "val_episodes", "val_every", "log_every"},
+    "train": {"device", "out", "cache_dir", "wait_minutes", "train_iters", "eval_episodes", "log_every",
+              "blocks", "beam", "ops", "max_first", "meta_iters"},
+}
 
 
 class ConfigError(ValueError):
@@ -207,21 +211,24 @@ def make_scorer(cfg, splits, device):
 def check_resume(cfg, kind="search"):
     """Refuse to mix a new config into an OUT folder written by another; record the config otherwise."""
     path = os.path.join(cfg.out, "config.json")
-    current = {k: v for k, v in config_dict(cfg).items() if k not in RESUME_FREE}
+    free = RESUME_FREE[kind]
+    current = {k: v for k, v in config_dict(cfg).items() if k not in free}
     if os.path.exists(path):
         try:
             with open(path) as f:
-                saved = {k: v for k, v in json.load(f).items() if k not in RESUME_FREE}
+                saved = {k: v for k, v in json.load(f).items() if k not in free}
         except json.JSONDecodeError as e:
             raise ConfigError(f"{path} is not valid JSON: delete it only if the run beside it is yours to discard, "
                               "or choose a new --out") from e
+        if saved.pop("run", kind) != kind:
+            raise ConfigError(f"{cfg.out} holds a run of another kind than --{kind}: pass a new --out")
         changed = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
         if changed:
             raise ConfigError(f"{cfg.out} holds a {kind} run with different settings ({', '.join(changed)}): "
                               f"rerun with the same flags to resume it, or pass a new --out to start fresh")
     else:
         os.makedirs(cfg.out, exist_ok=True)
-        pnas.write_json(path, config_dict(cfg))
+        pnas.write_json(path, {"run": kind, **config_dict(cfg)})
 
 
 def config_dict(cfg):

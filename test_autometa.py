@@ -631,6 +631,8 @@ def test_unknown_layout_and_changed_config_exit_2_and_keep_the_log(tmp_path):
     result = cli("--search", "--out", out, *TINY[:-1], "6")
     assert result.returncode == 2 and "channels" in result.stderr and "--out" in result.stderr
     assert open(os.path.join(out, "search.jsonl")).read() == before
+    result = cli("--train", "conv4", "--out", out)
+    assert result.returncode == 2 and "another kind" in result.stderr
 
 
 # ---------------------------------------------------------------------------- --train and --eval
