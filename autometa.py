@@ -9,6 +9,7 @@ Commands (see README.md for the figures they produce):
     python autometa.py --eval runs/train-best/best.pt # test accuracy, 95% CI over fixed test episodes
     python autometa.py --draw autometa --out cell.png # a picture of a cell (built-in, JSON file or inline JSON)
     torchrun --nproc_per_node=4 autometa.py --search  # the same search, candidates shared by 4 processes
+    python autometa.py --bench --preset paper         # seconds per meta-step against a per-task loop
 
 Settings live in `Config`; a preset fills it and every flag overrides one field.
 """
@@ -25,6 +26,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+import bench
 import cells
 import data
 import maml
@@ -100,6 +102,7 @@ def make_parser():
     mode.add_argument("--eval", metavar="CHECKPOINT", help="test a --train checkpoint on fixed test episodes")
     mode.add_argument("--draw", metavar="CELL", help="draw a cell (built-in name, JSON file or inline JSON list) "
                       "to the PNG file --out")
+    mode.add_argument("--bench", action="store_true", help="time the meta-step against a per-task loop (bench.py)")
     p.add_argument("--preset", choices=sorted(PRESETS), default=None, help="settings to start from (default: tiny)")
     for f in dataclasses.fields(Config):
         flag = "--" + f.name.replace("_", "-")
@@ -477,6 +480,12 @@ def run_draw(arch, path):
     print(f"wrote {path}")
 
 
+def run_bench(cfg):
+    """The --bench command: the workloads of README.md's Speed section under this config (bench.py)."""
+    device = pick_device(cfg.device)
+    bench.run(cfg, load_data(cfg, ("train", "val")), device, make_scorer)
+
+
 def main(argv=None):
     """Parse flags, run one command; bad input exits 2 with one sentence."""
     args = make_parser().parse_args(argv)
@@ -494,6 +503,8 @@ def main(argv=None):
             return run_train(cfg, args.train)
         elif args.draw is not None:
             run_draw(args.draw, args.out)
+        elif args.bench:
+            run_bench(cfg)
     except (ConfigError, data.DataError, cells.CellError, pnas.LogError) as e:
         print(f"autometa: error: {e}", file=sys.stderr)
         return 2
