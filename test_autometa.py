@@ -1093,5 +1093,6 @@ def test_bench_runs_end_to_end_on_a_tiny_setting():
     for title in ("conv4, second order", "conv4, first order", "autometa cell, first order"):
         row = next(line for line in lines if line.startswith(title))
         assert row.count(" s ") == 2 and "x " in row and "MiB" in row
+    assert sum(line.strip().startswith("meta-gradient, first task") for line in lines) == 3
     assert any(line.startswith("episode sampler:") for line in lines)
     assert any(line.startswith("search candidate") for line in lines)
