@@ -11,7 +11,10 @@ twice (the support passes of second order): PyTorch's double-backward formulas m
 tensors, and elementwise ops on mixed layouts run ~20x slower. A model gets channels-last input
 only once it gave the same outputs on it (``fast_layout``). Tasks still run one at a time:
 folding them into one grouped-convolution batch, or ``vmap``, measured slower on CPU.
+``reuse_freed_memory()`` is a process setting that roughly halves a CPU meta-step on Linux.
 """
+import ctypes
+import ctypes.util
 import math
 import weakref
 
@@ -139,3 +142,22 @@ def evaluate(model, params, episodes, steps, lr):
     mean = sum(accuracies) / n
     std = math.sqrt(sum((a - mean) ** 2 for a in accuracies) / n)
     return mean, 1.96 * std / math.sqrt(n)
+
+
+def reuse_freed_memory():
+    """Make glibc's malloc keep the memory that freed tensors give back and hand it out again.
+
+    By default glibc serves every large allocation (from 128 KiB, rising to at most 32 MiB) with a
+    fresh mmap and returns it to the system when freed, so each forward pass over a batch of
+    84x84 images page-faults and zero-fills its activations anew: about half of a CPU meta-step.
+    Afterwards every allocation comes from one heap, shared by all threads, that is never trimmed,
+    so the process keeps its peak memory, as CUDA's caching allocator does. A process-wide
+    setting: call it once at start-up. Returns False where the C library has no mallopt (macOS,
+    Windows, musl).
+    """
+    try:
+        mallopt = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return False
+    m_trim_threshold, m_mmap_max, m_arena_max = -1, -4, -8  # from glibc's malloc.h
+    return all([mallopt(m_mmap_max, 0), mallopt(m_trim_threshold, 2**31 - 1), mallopt(m_arena_max, 1)])
