@@ -3,16 +3,20 @@
 learn2learn and higher adapt one task at a time, each inner step an
 ``autograd.grad(create_graph=True)`` on the task's own copy of the weights; ``reference_meta_loss``
 below is that loop, written out. Both are timed in one process on the same task batch,
-interleaved, and compared on their meta-gradients. Run it through the command line:
+interleaved, and compared on their meta-gradients. On CPU every workload is timed twice: first
+with glibc's default allocator (a fresh process, as those libraries run), then after
+``maml.reuse_freed_memory()`` (as autometa.py runs), which speeds up both. Run it as
 
-    python autometa.py --bench --preset paper     # the Mini-ImageNet workload (README.md, Speed)
+    python autometa.py --bench conv4 --preset paper    # MAML's conv4 on the Mini-ImageNet workload
+    python autometa.py --bench cell                    # the Auto-Meta cell at the default search's size
 """
 import contextlib
 import copy
 import dataclasses
 import os
-import sys
+import resource
 import statistics
+import sys
 import time
 
 import torch
@@ -24,8 +28,8 @@ import cells
 import data
 import maml
 
-REPEATS = 5       # timed meta-steps per method and workload (after one warm-up step each); medians are reported
-CELL_REPEATS = 3  # the same for the (much larger) cell network
+WORKLOADS = ("all", "conv4", "cell")
+REPEATS = 5  # timed meta-steps per method, workload and allocator (after one warm-up step); medians are reported
 CANDIDATE_ITERS, CANDIDATE_EPISODES = 10, 20  # the timed search candidate; the full one is extrapolated
 
 
@@ -43,12 +47,7 @@ def reference_meta_loss(model, params, tasks, steps, lr, first_order=False):
     return torch.stack(losses).mean(), None
 
 
-def ours_meta_loss(model, params, tasks, steps, lr, first_order=False):
-    """The project's meta-loss (maml.meta_loss), under the same signature as the reference."""
-    return maml.meta_loss(model, params, tasks, steps, lr, first_order)
-
-
-METHODS = {"ours": ours_meta_loss, "per-task loop": reference_meta_loss}
+METHODS = {"ours": maml.meta_loss, "loop": reference_meta_loss}
 
 
 def synchronize(device):
@@ -104,9 +103,8 @@ def gradient_check(model, tasks, steps, lr, first_order):
     def gap(a, b):
         return max((x - y).abs().max().item() for x, y in zip(a, b))
 
-    return dict(gap32=gap(g32["ours"], g32["per-task loop"]), gap64=gap(g64["ours"], g64["per-task loop"]),
-                rounding=gap(g32["per-task loop"], g64["per-task loop"]),
-                scale=max(g.abs().max().item() for g in g64["per-task loop"]))
+    return dict(gap32=gap(g32["ours"], g32["loop"]), gap64=gap(g64["ours"], g64["loop"]),
+                rounding=gap(g32["loop"], g64["loop"]), scale=max(g.abs().max().item() for g in g64["loop"]))
 
 
 def peak_memory(loss_fn, model, tasks, steps, lr, first_order, device):
@@ -146,17 +144,70 @@ def quiet_stderr():
         os.close(saved)
 
 
-def compare(title, model, tasks, steps, lr, meta_lr, first_order, repeats, device):
-    """Time, check and measure one workload; print one line and return its figures."""
-    seconds = time_methods(model, tasks, steps, lr, meta_lr, first_order, repeats, device)
-    memory = {name: peak_memory(fn, model, tasks, steps, lr, first_order, device) for name, fn in METHODS.items()}
-    ours, loop = seconds["ours"], seconds["per-task loop"]
-    print(f"{title:28s} {ours:7.3f} s {loop:9.3f} s {loop / ours:7.2f}x   "
-          f"{memory['ours'] / 2**20:9.0f} / {memory['per-task loop'] / 2**20:.0f} MiB", flush=True)
-    check = gradient_check(model, tasks, steps, lr, first_order)
-    print(f"  meta-gradient, first task: max |ours - loop| {check['gap32']:.1e} in float32, {check['gap64']:.1e} in "
-          f"float64; the loop's own float32 rounding {check['rounding']:.1e} (max |g| {check['scale']:.1e})", flush=True)
-    return dict(ours=ours, loop=loop, memory=memory, **check)
+def workloads(cfg, which, device):
+    """[(title, model, first_order)] for `which` ('all', 'conv4' or 'cell'), built from `cfg`."""
+    found = []
+    if which in ("all", "conv4"):
+        torch.manual_seed(cfg.seed)
+        conv4 = cells.build_network("conv4", cfg.ways, cfg.image_size).to(device)
+        found += [("conv4, second order", conv4, False), ("conv4, first order", conv4, True)]
+    if which in ("all", "cell"):
+        torch.manual_seed(cfg.seed)
+        network = cells.build_network(cells.AUTOMETA_CELL, cfg.ways, cfg.image_size, cfg.channels, cfg.cells,
+                                      cfg.reductions, cfg.stem_stride).to(device)
+        found.append((f"autometa cell, {'first' if cfg.first_order else 'second'} order", network, cfg.first_order))
+    return found
+
+
+def allocators(device):
+    """The allocator settings to time under, in order: on CPU the default first, then memory reuse."""
+    if device.type != "cpu":
+        return ["cuda caching"]
+    return ["default", "reused"]  # "reused" is switched on by the loop in `run`; it cannot be switched off
+
+
+def run(cfg, splits, device, make_scorer, which="all"):
+    """The --bench command: time, check and measure `which` workloads under the settings in `cfg`."""
+    sampler = data.EpisodeSampler(splits["train"], cfg.ways, cfg.shots, cfg.queries, cfg.seed)
+    tasks = maml.to_device(sampler.sample(cfg.meta_batch), device)
+    steps, lr = cfg.inner_steps, cfg.inner_lr
+    print(f"bench: {cfg.ways}-way {cfg.shots}-shot, {cfg.queries} queries, {cfg.image_size}x{cfg.image_size} "
+          f"images ({cfg.data}), meta-batch {cfg.meta_batch}, {steps} inner steps of lr {lr}, Adam; "
+          f"device {device}, {torch.get_num_threads()} threads; medians of {REPEATS} meta-steps")
+    print(f"{'seconds per meta-step':27s} {'allocator':9s} {'ours':>8s} {'loop':>8s} {'loop/ours':>9s}")
+    jobs = workloads(cfg, which, device)
+    seconds = {}
+    for allocator in allocators(device):
+        if allocator == "reused" and not maml.reuse_freed_memory():
+            print("(this C library has no mallopt: memory reuse not timed)")
+            break
+        for title, model, first_order in jobs:
+            t = time_methods(model, tasks, steps, lr, cfg.meta_lr, first_order, REPEATS, device)
+            seconds[title, allocator] = t
+            print(f"{title:27s} {allocator:9s} {t['ours']:7.3f}s {t['loop']:7.3f}s {t['loop'] / t['ours']:8.2f}x",
+                  flush=True)
+    if any(allocator == "reused" for _, allocator in seconds):
+        print("ours with memory reused, against the loop in a default process (as other libraries run):")
+        for title, _, _ in jobs:
+            if (title, "reused") in seconds:
+                ours, loop = seconds[title, "reused"]["ours"], seconds[title, "default"]["loop"]
+                print(f"  {title:27s} {loop:.3f}s / {ours:.3f}s = {loop / ours:.2f}x")
+    for title, model, first_order in jobs:
+        memory = {name: peak_memory(fn, model, tasks, steps, lr, first_order, device) for name, fn in METHODS.items()}
+        check = gradient_check(model, tasks, steps, lr, first_order)
+        print(f"{title}: peak tensor memory {memory['ours'] / 2**20:.0f} MiB ours, {memory['loop'] / 2**20:.0f} MiB "
+              f"loop ({cells.count_parameters(model)} parameters)")
+        print(f"  meta-gradient, first task: max |ours - loop| {check['gap32']:.1e} in float32, {check['gap64']:.1e} "
+              f"in float64; the loop's own float32 rounding {check['rounding']:.1e} (max |g| {check['scale']:.1e})",
+              flush=True)
+    if device.type == "cpu":
+        print(f"process peak resident memory: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.1f} GiB")
+
+    rate = sampler_rate(sampler, cfg.meta_batch)
+    print(f"episode sampler: {rate * cfg.meta_batch:.0f} episodes/s ({1000 / rate:.1f} ms per batch of "
+          f"{cfg.meta_batch})")
+    if which in ("all", "cell"):
+        time_candidate(cfg, splits, device, make_scorer, seconds)
 
 
 def sampler_rate(sampler, meta_batch, seconds=1.0):
@@ -168,33 +219,8 @@ def sampler_rate(sampler, meta_batch, seconds=1.0):
     return count / (time.perf_counter() - start)
 
 
-def run(cfg, splits, device, make_scorer):
-    """The --bench command: every workload of README.md's Speed section, under the settings in `cfg`."""
-    sampler = data.EpisodeSampler(splits["train"], cfg.ways, cfg.shots, cfg.queries, cfg.seed)
-    tasks = maml.to_device(sampler.sample(cfg.meta_batch), device)
-    print(f"bench: {cfg.ways}-way {cfg.shots}-shot, {cfg.queries} queries, {cfg.image_size}x{cfg.image_size} "
-          f"images ({cfg.data}), meta-batch {cfg.meta_batch}, {cfg.inner_steps} inner steps of lr {cfg.inner_lr}, "
-          f"Adam; device {device}, {torch.get_num_threads()} threads, "
-          f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '(unset)')}")
-    print(f"{'seconds per meta-step':28s} {'ours':>9s} {'per-task loop':>11s} {'loop/ours':>8s}   "
-          f"peak tensor memory ours / loop")
-    torch.manual_seed(cfg.seed)
-    conv4 = cells.build_network("conv4", cfg.ways, cfg.image_size).to(device)
-    torch.manual_seed(cfg.seed)
-    network = cells.build_network(cells.AUTOMETA_CELL, cfg.ways, cfg.image_size, cfg.channels, cfg.cells,
-                                  cfg.reductions, cfg.stem_stride).to(device)
-    order = "first" if cfg.first_order else "second"
-    common = (tasks, cfg.inner_steps, cfg.inner_lr, cfg.meta_lr)
-    compare("conv4, second order", conv4, *common, False, REPEATS, device)
-    compare("conv4, first order", conv4, *common, True, REPEATS, device)
-    cell = compare(f"autometa cell, {order} order", network, *common, cfg.first_order, CELL_REPEATS, device)
-    print(f"(autometa cell network: {cells.count_parameters(network)} parameters, {cfg.channels} channels, "
-          f"{cfg.reductions} reductions, stem stride {cfg.stem_stride})")
-
-    rate = sampler_rate(sampler, cfg.meta_batch)
-    print(f"episode sampler: {rate:.0f} task batches/s ({rate * cfg.meta_batch:.0f} tasks/s), "
-          f"{1000 / rate:.1f} ms per batch of {cfg.meta_batch}")
-
+def time_candidate(cfg, splits, device, make_scorer, seconds):
+    """Time one search candidate (the autometa cell) end to end, shortened, and scale it to `cfg`'s length."""
     short = dataclasses.replace(cfg, meta_iters=CANDIDATE_ITERS, eval_episodes=CANDIDATE_EPISODES)
     score = make_scorer(short, splits, device)
     start = time.perf_counter()
@@ -203,7 +229,7 @@ def run(cfg, splits, device, make_scorer):
     print(f"search candidate (autometa cell), {CANDIDATE_ITERS} meta-iterations + {CANDIDATE_EPISODES} validation "
           f"episodes end to end: {elapsed:.1f} s (accuracy {100 * result['accuracy']:.1f}%)")
     # Scale up: the meta-steps at their measured time, the rest (mostly evaluation) with the episode count.
-    training = CANDIDATE_ITERS * cell["ours"]
-    rest = max(elapsed - training, 0.0) * cfg.eval_episodes / CANDIDATE_EPISODES
-    print(f"  so about {(cfg.meta_iters * cell['ours'] + rest) / 60:.1f} min for this config's {cfg.meta_iters} "
+    step = [t["ours"] for (title, _), t in seconds.items() if title.startswith("autometa cell")][-1]
+    rest = max(elapsed - CANDIDATE_ITERS * step, 0.0) * cfg.eval_episodes / CANDIDATE_EPISODES
+    print(f"  so about {(cfg.meta_iters * step + rest) / 60:.1f} min for this config's {cfg.meta_iters} "
           f"meta-iterations and {cfg.eval_episodes} validation episodes")
