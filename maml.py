@@ -6,12 +6,13 @@ Fast weights are a dict name -> tensor, run with ``torch.func.functional_call``;
 taken at the adapted weights.
 
 Speed on CPU: images go through the network in channels-last memory format, where oneDNN's
-convolutions, BatchNorm and pooling run 1.5-4x faster, except in passes that are differentiated
-twice (the support passes of second order): PyTorch's double-backward formulas make contiguous
-tensors, and elementwise ops on mixed layouts run ~20x slower. A model gets channels-last input
-only once it gave the same outputs on it (``fast_layout``). Tasks still run one at a time:
-folding them into one grouped-convolution batch, or ``vmap``, measured slower on CPU.
-``reuse_freed_memory()`` is a process setting that roughly halves a CPU meta-step on Linux.
+convolutions, BatchNorm and pooling run faster (conv4's 75-image query pass: forward and backward
+1.5x faster), except in passes that are differentiated twice (the support passes of second
+order): there the double-backward formulas mix both layouts, which made a step 1.8x slower. A
+model gets channels-last input only once it gave the same outputs on it (``fast_layout``). Tasks
+still run one at a time: folding them into one grouped-convolution batch, ``vmap``, and one
+thread per task all measured slower or no faster on 2 cores.
+``reuse_freed_memory()`` is a process setting that cut conv4's CPU meta-step by 25-40% on Linux.
 """
 import ctypes
 import ctypes.util
@@ -35,14 +36,13 @@ def fast_layout(model, params, x):
     """`x` in channels-last memory format when that is faster (images on CPU) and safe for `model`."""
     if x.dim() != 4 or x.device.type != "cpu":
         return x
-    x_cl = x.contiguous(memory_format=torch.channels_last)
     checked = _CHANNELS_LAST_OK.setdefault(model, {})
     if x.shape not in checked:
-        checked[x.shape] = channels_last_ok(model, params, x, x_cl)
-    return x_cl if checked[x.shape] else x
+        checked[x.shape] = channels_last_ok(model, params, x)
+    return x.contiguous(memory_format=torch.channels_last) if checked[x.shape] else x
 
 
-def channels_last_ok(model, params, x, x_cl):
+def channels_last_ok(model, params, x):
     """Whether `model` gives the same outputs on both layouts, and has no convolution that oneDNN gets wrong.
 
     oneDNN's channels-last 1x1 stride-2 convolution computes wrong weight gradients when it has fewer
@@ -54,7 +54,8 @@ def channels_last_ok(model, params, x, x_cl):
     state = {**{name: b.clone() for name, b in model.named_buffers()}, **params}
     with torch.no_grad(), torch.random.fork_rng(devices=[]):
         try:
-            fast, plain = functional_call(model, state, (x_cl,)), functional_call(model, state, (x,))
+            fast = functional_call(model, state, (x.contiguous(memory_format=torch.channels_last),))
+            plain = functional_call(model, state, (x,))
         except RuntimeError:  # e.g. a .view() of activations, which needs the contiguous layout
             return False
     # Rounding differs between the layouts (~1e-4 relative in a deep float32 network); a wrong result would not.
@@ -149,7 +150,7 @@ def reuse_freed_memory():
 
     By default glibc serves every large allocation (from 128 KiB, rising to at most 32 MiB) with a
     fresh mmap and returns it to the system when freed, so each forward pass over a batch of
-    84x84 images page-faults and zero-fills its activations anew: about half of a CPU meta-step.
+    84x84 images page-faults and zero-fills its activations anew: half the time of conv4's query pass.
     Afterwards every allocation comes from one heap, shared by all threads, that is never trimmed,
     so the process keeps its peak memory, as CUDA's caching allocator does. A process-wide
     setting: call it once at start-up. Returns False where the C library has no mallopt (macOS,
