@@ -9,6 +9,7 @@ Commands (see README.md for the figures they produce):
     python autometa.py --eval runs/train-best/best.pt # test accuracy, 95% CI over fixed test episodes
     python autometa.py --draw autometa --out cell.png # a picture of a cell (built-in, JSON file or inline JSON)
     torchrun --nproc_per_node=4 autometa.py --search  # the same search, candidates shared by 4 processes
+    python autometa.py --bench conv4 --preset paper   # seconds per meta-step against a per-task loop
 
 Settings live in `Config`; a preset fills it and every flag overrides one field.
 """
@@ -25,6 +26,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+import bench
 import cells
 import data
 import maml
@@ -100,6 +102,8 @@ def make_parser():
     mode.add_argument("--eval", metavar="CHECKPOINT", help="test a --train checkpoint on fixed test episodes")
     mode.add_argument("--draw", metavar="CELL", help="draw a cell (built-in name, JSON file or inline JSON list) "
                       "to the PNG file --out")
+    mode.add_argument("--bench", nargs="?", const="all", choices=bench.WORKLOADS,
+                      help="time the meta-step against a per-task loop: conv4, cell or all (default)")
     p.add_argument("--preset", choices=sorted(PRESETS), default=None, help="settings to start from (default: tiny)")
     for f in dataclasses.fields(Config):
         flag = "--" + f.name.replace("_", "-")
@@ -477,9 +481,17 @@ def run_draw(arch, path):
     print(f"wrote {path}")
 
 
+def run_bench(cfg, which):
+    """The --bench command: the workloads of README.md's Speed section under this config (bench.py)."""
+    device = pick_device(cfg.device)
+    bench.run(cfg, load_data(cfg, ("train", "val")), device, make_scorer, which)
+
+
 def main(argv=None):
     """Parse flags, run one command; bad input exits 2 with one sentence."""
     args = make_parser().parse_args(argv)
+    if args.bench is None:  # --bench times the loops with and without it
+        maml.reuse_freed_memory()
     try:
         if args.eval is not None:
             return run_eval(args)
@@ -494,6 +506,8 @@ def main(argv=None):
             return run_train(cfg, args.train)
         elif args.draw is not None:
             run_draw(args.draw, args.out)
+        elif args.bench is not None:
+            run_bench(cfg, args.bench)
     except (ConfigError, data.DataError, cells.CellError, pnas.LogError) as e:
         print(f"autometa: error: {e}", file=sys.stderr)
         return 2

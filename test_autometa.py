@@ -992,3 +992,146 @@ def test_tiny_search_under_torchrun_matches_one_process(tmp_path):
     best = [json.loads((tmp_path / run / "best.json").read_text()) for run in ("one", "two")]
     assert [b["cell"] for b in best] == [best[0]["cell"]] * 2 and best[0]["accuracy"] == best[1]["accuracy"]
     assert "shared among 2 processes" in shared.stdout and shared.stdout.count("[level") == 5
+
+
+# ---- fast MAML
+
+import bench  # noqa: E402  (here, so that this section stays self-contained)
+
+class ViewNet(nn.Module):
+    """A conv net that flattens with .view(), which a channels-last activation cannot do."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn, self.fc = nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.Linear(16 * 8 * 8, 3)
+
+    def forward(self, x):
+        x = F.max_pool2d(F.relu(self.bn(self.conv(x))), 2)
+        return self.fc(x.view(x.shape[0], -1))
+
+
+class RunningStatsDropoutNet(nn.Module):
+    """BatchNorm with running statistics and dropout: buffers and the RNG must end as the plain loop leaves them."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16)
+        self.drop, self.fc = nn.Dropout(0.3), nn.Linear(16, 3)
+
+    def forward(self, x):
+        return self.fc(self.drop(F.relu(self.bn(self.conv(x))).mean(dim=(2, 3))))
+
+
+def image_tasks(size, ways=3, tasks=2, queries=2, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    y = torch.arange(ways).expand(tasks, -1)
+    return (torch.rand(tasks, ways, 3, size, size, generator=g, dtype=dtype), y,
+            torch.rand(tasks, ways * queries, 3, size, size, generator=g, dtype=dtype),
+            torch.arange(ways).repeat_interleave(queries).expand(tasks, -1))
+
+
+def fast_and_reference(model, tasks, first_order, steps=2, lr=0.1):
+    """(loss, meta-gradient) of maml.meta_loss and of bench's plain per-task loop at the same weights."""
+    out = []
+    for loss_fn in (maml.meta_loss, bench.reference_meta_loss):
+        params = dict(model.named_parameters())
+        loss, _ = loss_fn(model, params, tasks, steps, lr, first_order)
+        out.append((loss, torch.autograd.grad(loss, list(params.values()))))
+    return out
+
+
+def assert_same(model, tasks, first_order, atol):
+    (loss, grads), (ref_loss, ref_grads) = fast_and_reference(model, tasks, first_order)
+    assert abs(loss.item() - ref_loss.item()) < atol
+    for a, b in zip(grads, ref_grads):
+        assert torch.allclose(a, b, rtol=0, atol=atol), (a - b).abs().max().item()
+
+
+@pytest.mark.parametrize("first_order", [False, True])
+@pytest.mark.parametrize("arch", ["conv4", cells.AUTOMETA_CELL])
+def test_fast_meta_loss_equals_the_per_task_loop(arch, first_order):
+    torch.manual_seed(0)
+    model = cells.build_network(arch, 3, 16, channels=16, reductions=1, stem_stride=1).double()
+    tasks = image_tasks(16, dtype=torch.float64)
+    assert not maml.fast_layout(model, dict(model.named_parameters()), tasks[2][0]).is_contiguous()  # fast path taken
+    assert_same(model, tasks, first_order, atol=1e-10)
+
+
+def test_fast_meta_loss_equals_the_per_task_loop_in_float32():
+    torch.manual_seed(0)
+    assert_same(cells.build_network("conv4", 3, 16), image_tasks(16), first_order=False, atol=1e-5)
+
+
+def test_models_the_fast_layout_does_not_suit_run_as_written():
+    torch.manual_seed(0)
+    tasks = image_tasks(16)
+    small_1x1 = cells.build_network(cells.AUTOMETA_CELL, 3, 16, channels=4, reductions=1)  # oneDNN bug guard
+    for model in (ViewNet(), small_1x1):
+        assert maml.fast_layout(model, dict(model.named_parameters()), tasks[2][0]).is_contiguous()
+        assert_same(model, tasks, first_order=False, atol=1e-6)
+
+
+def test_layout_check_leaves_running_statistics_and_the_random_stream_as_the_plain_loop_does():
+    torch.manual_seed(0)
+    ours, ref = RunningStatsDropoutNet(), RunningStatsDropoutNet()
+    ref.load_state_dict(ours.state_dict())
+    tasks = image_tasks(8)
+    results = []
+    for model, loss_fn in ((ours, maml.meta_loss), (ref, bench.reference_meta_loss)):
+        torch.manual_seed(1)
+        results.append(loss_fn(model, dict(model.named_parameters()), tasks, 2, 0.1)[0].item())
+    assert results[0] == pytest.approx(results[1], abs=1e-6)
+    for a, b in zip(ours.buffers(), ref.buffers()):
+        assert torch.allclose(a.float(), b.float(), atol=1e-6)
+
+
+def test_bench_runs_end_to_end_on_a_tiny_setting():
+    result = cli("--bench", "--image-size", "16", "--queries", "1", "--meta-batch", "1", "--channels", "16",
+                 "--reductions", "1", "--eval-episodes", "4")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    for title in ("conv4, second order", "conv4, first order", "autometa cell, first order"):
+        for allocator in ("default", "reused"):
+            row = next(line for line in lines if line.startswith(title) and f" {allocator} " in line).split()
+            ours, loop, ratio = float(row[-3].rstrip("s")), float(row[-2].rstrip("s")), float(row[-1].rstrip("x"))
+            assert ours > 0 and loop > 0 and ratio > 0
+        check = lines[lines.index(next(line for line in lines if line.startswith(title + ": peak"))) + 1]
+        assert float(check.split(" in float64")[0].split()[-1]) < 1e-9  # the same meta-gradient, up to rounding
+    assert any(line.startswith("episode sampler:") for line in lines)
+    assert any(line.startswith("search candidate") for line in lines)
+
+
+def test_bench_of_one_workload_times_only_that_one():
+    result = cli("--bench", "conv4", "--image-size", "16", "--queries", "1", "--meta-batch", "1")
+    assert result.returncode == 0, result.stderr
+    assert "conv4, second order" in result.stdout and "autometa cell" not in result.stdout
+    assert "search candidate" not in result.stdout
+    wrong = cli("--bench", "resnet")
+    assert wrong.returncode == 2 and "invalid choice: 'resnet'" in wrong.stderr
+
+
+PAGE_FAULTS = """
+import resource, sys, torch, torch.nn as nn, maml
+if sys.argv[1] == "reuse":
+    assert maml.reuse_freed_memory()
+net = nn.Sequential(nn.Conv2d(3, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(), nn.MaxPool2d(2))
+x = torch.randn(64, 3, 84, 84)  # activations of 55 MiB, which glibc always serves with a fresh mmap
+faults = []
+for _ in range(10):
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    net(x).sum().backward()
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+print(min(faults[1:]))  # the quietest pass after the first
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="mallopt is glibc's")
+def test_reused_memory_stops_the_page_faults_of_each_forward_pass():
+    faults = {}
+    for setting in ("default", "reuse"):
+        run = subprocess.run([sys.executable, "-c", PAGE_FAULTS, setting], cwd=HERE, capture_output=True, text=True,
+                             timeout=120)
+        assert run.returncode == 0, run.stderr
+        faults[setting] = int(run.stdout)
+    assert faults["default"] > 10000  # every pass faults in fresh pages (4 KiB each) for its activations
+    assert faults["reuse"] < 1000  # a pass reuses the memory the one before freed

@@ -1,0 +1,235 @@
+"""Benchmark: seconds per MAML meta-step of maml.py against the per-task loop other libraries use.
+
+learn2learn and higher adapt one task at a time, each inner step an
+``autograd.grad(create_graph=True)`` on the task's own copy of the weights; ``reference_meta_loss``
+below is that loop, written out. Both are timed in one process on the same task batch,
+interleaved, and compared on their meta-gradients. On CPU every workload is timed twice: first
+with glibc's default allocator (a fresh process, as those libraries run), then after
+``maml.reuse_freed_memory()`` (as autometa.py runs), which speeds up both. Run it as
+
+    python autometa.py --bench conv4 --preset paper    # MAML's conv4 on the Mini-ImageNet workload
+    python autometa.py --bench cell                    # the Auto-Meta cell at the default search's size
+"""
+import contextlib
+import copy
+import dataclasses
+import os
+import resource
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+from torch.func import functional_call
+from torch.profiler import ProfilerActivity, profile
+
+import cells
+import data
+import maml
+
+WORKLOADS = ("all", "conv4", "cell")
+REPEATS = 5  # timed meta-steps per method, workload and allocator (after one warm-up step); medians are reported
+CANDIDATE_ITERS, CANDIDATE_EPISODES = 10, 20  # the timed search candidate; the full one is extrapolated
+
+
+def reference_meta_loss(model, params, tasks, steps, lr, first_order=False):
+    """MAML as learn2learn and higher run it: one task at a time, autograd.grad(create_graph=True)."""
+    xs, ys, xq, yq = tasks
+    losses = []
+    for t in range(xs.shape[0]):
+        fast = params
+        for _ in range(steps):
+            loss = F.cross_entropy(functional_call(model, fast, (xs[t],)), ys[t])
+            grads = torch.autograd.grad(loss, list(fast.values()), create_graph=not first_order)
+            fast = {name: p - lr * g for (name, p), g in zip(fast.items(), grads)}
+        losses.append(F.cross_entropy(functional_call(model, fast, (xq[t],)), yq[t]))
+    return torch.stack(losses).mean(), None
+
+
+METHODS = {"ours": maml.meta_loss, "loop": reference_meta_loss}
+
+
+def synchronize(device):
+    """Wait for queued GPU work, so that wall-clock times cover it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def meta_step(loss_fn, model, optimizer, tasks, steps, lr, first_order):
+    """One outer update (forward, backward, Adam step) with `loss_fn`, as maml.meta_step does it."""
+    loss, _ = loss_fn(model, dict(model.named_parameters()), tasks, steps, lr, first_order)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+
+
+def time_methods(model, tasks, steps, lr, meta_lr, first_order, repeats, device):
+    """Median seconds per meta-step of every method, timed interleaved on copies of `model`."""
+    runs = {}
+    for name in METHODS:
+        m = copy.deepcopy(model)
+        runs[name] = (m, torch.optim.Adam(m.parameters(), lr=meta_lr), [])
+    for r in range(repeats + 1):  # round 0 warms up (allocations, layout checks) and is not counted
+        for name in (METHODS if r % 2 else reversed(METHODS)):  # alternate the order: neither always runs first
+            m, optimizer, seconds = runs[name]
+            synchronize(device)
+            start = time.perf_counter()
+            meta_step(METHODS[name], m, optimizer, tasks, steps, lr, first_order)
+            synchronize(device)
+            if r > 0:
+                seconds.append(time.perf_counter() - start)
+    return {name: statistics.median(seconds) for name, (_, _, seconds) in runs.items()}
+
+
+def meta_gradients(model, tasks, steps, lr, first_order):
+    """The meta-gradient of every method at the same weights: name -> list of tensors."""
+    grads = {}
+    for name, loss_fn in METHODS.items():
+        params = dict(model.named_parameters())
+        loss, _ = loss_fn(model, params, tasks, steps, lr, first_order)
+        grads[name] = torch.autograd.grad(loss, list(params.values()))
+    return grads
+
+
+def gradient_check(model, tasks, steps, lr, first_order):
+    """Largest meta-gradient differences on the batch's first task: ours vs loop in float32 and in float64,
+    and the loop's own float32 rounding (float32 loop vs float64 loop), with the largest gradient entry."""
+    one = tuple(t[:1] for t in tasks)
+    g32 = meta_gradients(model, one, steps, lr, first_order)
+    g64 = meta_gradients(copy.deepcopy(model).double(), tuple(t.double() if t.is_floating_point() else t for t in one),
+                         steps, lr, first_order)
+
+    def gap(a, b):
+        return max((x - y).abs().max().item() for x, y in zip(a, b))
+
+    return dict(gap32=gap(g32["ours"], g32["loop"]), gap64=gap(g64["ours"], g64["loop"]),
+                rounding=gap(g32["loop"], g64["loop"]), scale=max(g.abs().max().item() for g in g64["loop"]))
+
+
+def peak_memory(loss_fn, model, tasks, steps, lr, first_order, device):
+    """Peak bytes of tensors alive during one meta-loss forward and backward, above what was alive before."""
+    params = dict(model.named_parameters())
+    if device.type == "cuda":
+        synchronize(device)
+        before = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        loss, _ = loss_fn(model, params, tasks, steps, lr, first_order)
+        torch.autograd.grad(loss, list(params.values()))
+        synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - before
+    # On CPU the profiler records each allocation (on the op that made it) and each free, in time order.
+    with quiet_stderr(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        loss, _ = loss_fn(model, params, tasks, steps, lr, first_order)
+        torch.autograd.grad(loss, list(params.values()))
+    alive = peak = 0
+    for _, change in sorted((e.time_range.start, e.self_cpu_memory_usage) for e in prof.events()
+                            if e.self_cpu_memory_usage):
+        alive += change
+        peak = max(peak, alive)
+    return peak
+
+
+@contextlib.contextmanager
+def quiet_stderr():
+    """Drop what C++ code writes to file descriptor 2 meanwhile (the profiler logs its start and stop there)."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with open(os.devnull, "w") as devnull:
+        os.dup2(devnull.fileno(), 2)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def workloads(cfg, which, device):
+    """[(title, model, first_order)] for `which` ('all', 'conv4' or 'cell'), built from `cfg`."""
+    found = []
+    if which in ("all", "conv4"):
+        torch.manual_seed(cfg.seed)
+        conv4 = cells.build_network("conv4", cfg.ways, cfg.image_size).to(device)
+        found += [("conv4, second order", conv4, False), ("conv4, first order", conv4, True)]
+    if which in ("all", "cell"):
+        torch.manual_seed(cfg.seed)
+        network = cells.build_network(cells.AUTOMETA_CELL, cfg.ways, cfg.image_size, cfg.channels, cfg.cells,
+                                      cfg.reductions, cfg.stem_stride).to(device)
+        found.append((f"autometa cell, {'first' if cfg.first_order else 'second'} order", network, cfg.first_order))
+    return found
+
+
+def allocators(device):
+    """The allocator settings to time under, in order: on CPU the default first, then memory reuse."""
+    if device.type != "cpu":
+        return ["cuda caching"]
+    return ["default", "reused"]  # "reused" is switched on by the loop in `run`; it cannot be switched off
+
+
+def run(cfg, splits, device, make_scorer, which="all"):
+    """The --bench command: time, check and measure `which` workloads under the settings in `cfg`."""
+    sampler = data.EpisodeSampler(splits["train"], cfg.ways, cfg.shots, cfg.queries, cfg.seed)
+    tasks = maml.to_device(sampler.sample(cfg.meta_batch), device)
+    steps, lr = cfg.inner_steps, cfg.inner_lr
+    print(f"bench: {cfg.ways}-way {cfg.shots}-shot, {cfg.queries} queries, {cfg.image_size}x{cfg.image_size} "
+          f"images ({cfg.data}), meta-batch {cfg.meta_batch}, {steps} inner steps of lr {lr}, Adam; "
+          f"device {device}, {torch.get_num_threads()} threads; medians of {REPEATS} meta-steps")
+    print(f"{'seconds per meta-step':27s} {'allocator':9s} {'ours':>8s} {'loop':>8s} {'loop/ours':>9s}")
+    jobs = workloads(cfg, which, device)
+    seconds = {}
+    for allocator in allocators(device):
+        if allocator == "reused" and not maml.reuse_freed_memory():
+            print("(this C library has no mallopt: memory reuse not timed)")
+            break
+        for title, model, first_order in jobs:
+            t = time_methods(model, tasks, steps, lr, cfg.meta_lr, first_order, REPEATS, device)
+            seconds[title, allocator] = t
+            print(f"{title:27s} {allocator:9s} {t['ours']:7.3f}s {t['loop']:7.3f}s {t['loop'] / t['ours']:8.2f}x",
+                  flush=True)
+    if any(allocator == "reused" for _, allocator in seconds):
+        print("ours with memory reused, against the loop in a default process (as other libraries run):")
+        for title, _, _ in jobs:
+            if (title, "reused") in seconds:
+                ours, loop = seconds[title, "reused"]["ours"], seconds[title, "default"]["loop"]
+                print(f"  {title:27s} {loop:.3f}s / {ours:.3f}s = {loop / ours:.2f}x")
+    for title, model, first_order in jobs:
+        memory = {name: peak_memory(fn, model, tasks, steps, lr, first_order, device) for name, fn in METHODS.items()}
+        check = gradient_check(model, tasks, steps, lr, first_order)
+        print(f"{title}: peak tensor memory {memory['ours'] / 2**20:.0f} MiB ours, {memory['loop'] / 2**20:.0f} MiB "
+              f"loop ({cells.count_parameters(model)} parameters)")
+        print(f"  meta-gradient, first task: max |ours - loop| {check['gap32']:.1e} in float32, {check['gap64']:.1e} "
+              f"in float64; the loop's own float32 rounding {check['rounding']:.1e} (max |g| {check['scale']:.1e})",
+              flush=True)
+    if device.type == "cpu":
+        print(f"process peak resident memory: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.1f} GiB")
+
+    rate = sampler_rate(sampler, cfg.meta_batch)
+    print(f"episode sampler: {rate * cfg.meta_batch:.0f} episodes/s ({1000 / rate:.1f} ms per batch of "
+          f"{cfg.meta_batch})")
+    if which in ("all", "cell"):
+        time_candidate(cfg, splits, device, make_scorer, seconds)
+
+
+def sampler_rate(sampler, meta_batch, seconds=1.0):
+    """Task batches per second that `sampler` delivers, over about `seconds`."""
+    count, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        sampler.sample(meta_batch)
+        count += 1
+    return count / (time.perf_counter() - start)
+
+
+def time_candidate(cfg, splits, device, make_scorer, seconds):
+    """Time one search candidate (the autometa cell) end to end, shortened, and scale it to `cfg`'s length."""
+    short = dataclasses.replace(cfg, meta_iters=CANDIDATE_ITERS, eval_episodes=CANDIDATE_EPISODES)
+    score = make_scorer(short, splits, device)
+    start = time.perf_counter()
+    result = score(cells.AUTOMETA_CELL)
+    elapsed = time.perf_counter() - start
+    print(f"search candidate (autometa cell), {CANDIDATE_ITERS} meta-iterations + {CANDIDATE_EPISODES} validation "
+          f"episodes end to end: {elapsed:.1f} s (accuracy {100 * result['accuracy']:.1f}%)")
+    # Scale up: the meta-steps at their measured time, the rest (mostly evaluation) with the episode count.
+    step = [t["ours"] for (title, _), t in seconds.items() if title.startswith("autometa cell")][-1]
+    rest = max(elapsed - CANDIDATE_ITERS * step, 0.0) * cfg.eval_episodes / CANDIDATE_EPISODES
+    print(f"  so about {(cfg.meta_iters * step + rest) / 60:.1f} min for this config's {cfg.meta_iters} "
+          f"meta-iterations and {cfg.eval_episodes} validation episodes")
