@@ -87,7 +87,7 @@ def meta_loss(model, params, tasks, steps, lr, first_order=False):
             # The query pass may run channels-last, and so return channels-last weight gradients:
             # make them contiguous before they enter the inner loop's (contiguous) double backward.
             for p in fast.values():
-                if p.dim() == 4:
+                if p.dim() == 4 and p.requires_grad:
                     p.register_hook(torch.Tensor.contiguous)
         logits = functional_call(model, fast, (fast_layout(model, params, xq[t]),))  # (N*Q, N)
         losses.append(F.cross_entropy(logits, yq[t]))
