@@ -160,38 +160,34 @@ def workloads(cfg, which, device):
 
 
 def allocators(device):
-    """The allocator settings to time under, in order: on CPU the default first, then memory reuse."""
-    if device.type != "cpu":
-        return ["cuda caching"]
-    return ["default", "reused"]  # "reused" is switched on by the loop in `run`; it cannot be switched off
+    """The allocator settings to time under, in order: on CPU glibc's default first, as switching back is not possible."""
+    return ["default", "reused"] if device.type == "cpu" else ["cuda caching"]
 
 
-def run(cfg, splits, device, make_scorer, which="all"):
-    """The --bench command: time, check and measure `which` workloads under the settings in `cfg`."""
-    sampler = data.EpisodeSampler(splits["train"], cfg.ways, cfg.shots, cfg.queries, cfg.seed)
-    tasks = maml.to_device(sampler.sample(cfg.meta_batch), device)
-    steps, lr = cfg.inner_steps, cfg.inner_lr
-    print(f"bench: {cfg.ways}-way {cfg.shots}-shot, {cfg.queries} queries, {cfg.image_size}x{cfg.image_size} "
-          f"images ({cfg.data}), meta-batch {cfg.meta_batch}, {steps} inner steps of lr {lr}, Adam; "
-          f"device {device}, {torch.get_num_threads()} threads; medians of {REPEATS} meta-steps")
+def time_workloads(jobs, tasks, cfg, device):
+    """{(title, allocator): {method: seconds per meta-step}} for every workload under each allocator; a row each."""
     print(f"{'seconds per meta-step':27s} {'allocator':9s} {'ours':>8s} {'loop':>8s} {'loop/ours':>9s}")
-    jobs = workloads(cfg, which, device)
     seconds = {}
     for allocator in allocators(device):
         if allocator == "reused" and not maml.reuse_freed_memory():
             print("(this C library has no mallopt: memory reuse not timed)")
             break
         for title, model, first_order in jobs:
-            t = time_methods(model, tasks, steps, lr, cfg.meta_lr, first_order, REPEATS, device)
+            t = time_methods(model, tasks, cfg.inner_steps, cfg.inner_lr, cfg.meta_lr, first_order, REPEATS, device)
             seconds[title, allocator] = t
             print(f"{title:27s} {allocator:9s} {t['ours']:7.3f}s {t['loop']:7.3f}s {t['loop'] / t['ours']:8.2f}x",
                   flush=True)
     if any(allocator == "reused" for _, allocator in seconds):
         print("ours with memory reused, against the loop in a default process (as other libraries run):")
         for title, _, _ in jobs:
-            if (title, "reused") in seconds:
-                ours, loop = seconds[title, "reused"]["ours"], seconds[title, "default"]["loop"]
-                print(f"  {title:27s} {loop:.3f}s / {ours:.3f}s = {loop / ours:.2f}x")
+            ours, loop = seconds[title, "reused"]["ours"], seconds[title, "default"]["loop"]
+            print(f"  {title:27s} {loop:.3f}s / {ours:.3f}s = {loop / ours:.2f}x")
+    return seconds
+
+
+def check_workloads(jobs, tasks, cfg, device):
+    """Print the peak tensor memory and the meta-gradient check of every workload."""
+    steps, lr = cfg.inner_steps, cfg.inner_lr
     for title, model, first_order in jobs:
         memory = {name: peak_memory(fn, model, tasks, steps, lr, first_order, device) for name, fn in METHODS.items()}
         check = gradient_check(model, tasks, steps, lr, first_order)
@@ -203,6 +199,17 @@ def run(cfg, splits, device, make_scorer, which="all"):
     if device.type == "cpu":
         print(f"process peak resident memory: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.1f} GiB")
 
+
+def run(cfg, splits, device, make_scorer, which="all"):
+    """The --bench command: time, check and measure `which` workloads under the settings in `cfg`."""
+    sampler = data.EpisodeSampler(splits["train"], cfg.ways, cfg.shots, cfg.queries, cfg.seed)
+    tasks = maml.to_device(sampler.sample(cfg.meta_batch), device)
+    print(f"bench: {cfg.ways}-way {cfg.shots}-shot, {cfg.queries} queries, {cfg.image_size}x{cfg.image_size} "
+          f"images ({cfg.data}), meta-batch {cfg.meta_batch}, {cfg.inner_steps} inner steps of lr {cfg.inner_lr}, "
+          f"Adam; device {device}, {torch.get_num_threads()} threads; medians of {REPEATS} meta-steps")
+    jobs = workloads(cfg, which, device)
+    seconds = time_workloads(jobs, tasks, cfg, device)
+    check_workloads(jobs, tasks, cfg, device)
     rate = sampler_rate(sampler, cfg.meta_batch)
     print(f"episode sampler: {rate * cfg.meta_batch:.0f} episodes/s ({1000 / rate:.1f} ms per batch of "
           f"{cfg.meta_batch})")
