@@ -10,8 +10,8 @@ convolutions, BatchNorm and pooling run faster (conv4's 75-image query pass: for
 1.5x faster), except in passes that are differentiated twice (the support passes of second
 order): there the double-backward formulas mix both layouts, which made a step 1.8x slower. A
 model gets channels-last input only once it gave the same outputs on it (``fast_layout``). Tasks
-still run one at a time: folding them into one grouped-convolution batch, ``vmap``, and one
-thread per task all measured slower or no faster on 2 cores.
+still run one at a time: folding them into one grouped-convolution batch and ``vmap`` measured
+slower on 2 cores, and one thread per task only 5% faster.
 ``reuse_freed_memory()`` is a process setting that cut conv4's CPU meta-step by 25-40% on Linux.
 """
 import ctypes
