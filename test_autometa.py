@@ -1058,9 +1058,16 @@ def test_fast_meta_loss_equals_the_per_task_loop(arch, first_order):
     assert_same(model, tasks, first_order, atol=1e-10)
 
 
-def test_fast_meta_loss_equals_the_per_task_loop_in_float32():
+def test_fast_meta_loss_is_as_accurate_as_the_per_task_loop_in_float32():
     torch.manual_seed(0)
-    assert_same(cells.build_network("conv4", 3, 16), image_tasks(16), first_order=False, atol=1e-5)
+    model, tasks = cells.build_network("conv4", 3, 16), image_tasks(16)
+    exact = cells.build_network("conv4", 3, 16).double()
+    exact.load_state_dict(model.state_dict())
+    _, truth = fast_and_reference(exact, tuple(t.double() if t.is_floating_point() else t for t in tasks), False)[1]
+    (_, ours), (_, loop) = fast_and_reference(model, tasks, first_order=False)
+    # Gradients reach 0.9 here; the loop's own float32 error is 1.4e-5 against float64, ours 3.2e-6.
+    for grads in (ours, loop):
+        assert max((g.double() - t).abs().max().item() for g, t in zip(grads, truth)) < 3e-5
 
 
 def test_models_the_fast_layout_does_not_suit_run_as_written():
