@@ -162,26 +162,26 @@ class BatchNormSecondOrder(TorchFunctionMode):
 
 def batch_norm(input, running_mean, running_var, weight=None, bias=None, training=False, momentum=0.1, eps=1e-5):
     """F.batch_norm, as ``BatchNorm`` (a cheaper double backward) where it normalises by batch statistics on CPU."""
-    if not training or input.device.type != "cpu" or eps <= 0 or input.numel() <= input.shape[1]:
+    if not training or input.device.type != "cpu" or input.dim() < 2 or input.numel() <= input.shape[1] or eps <= 0:
         return F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)  # its checks and errors
     return BatchNorm.apply(input, weight, bias, running_mean, running_var, momentum, eps)
 
 
 class BatchNorm(torch.autograd.Function):
-    """Training-mode BatchNorm through PyTorch's own kernel; its backward is ``BatchNormGrad``."""
+    """Training-mode BatchNorm through PyTorch's own CPU kernel (which also updates running statistics);
+    its backward is ``BatchNormGrad``."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, running_mean, running_var, momentum, eps):
-        out, mean, invstd, reserve, impl = torch._batch_norm_impl_index(
-            x, weight, bias, running_mean, running_var, True, momentum, eps, torch.backends.cudnn.enabled)
-        ctx.save_for_backward(x, weight, mean, invstd, reserve)
-        ctx.impl, ctx.eps = impl, eps
+        out, mean, invstd = torch.native_batch_norm(x, weight, bias, running_mean, running_var, True, momentum, eps)
+        ctx.save_for_backward(x, weight, mean, invstd)
+        ctx.eps = eps
         return out
 
     @staticmethod
     def backward(ctx, gy):
-        x, weight, mean, invstd, reserve = ctx.saved_tensors
-        gx, gw, gb = BatchNormGrad.apply(gy, x, weight, mean, invstd, reserve, ctx.impl, ctx.eps)
+        x, weight, mean, invstd = ctx.saved_tensors
+        gx, gw, gb = BatchNormGrad.apply(gy, x, weight, mean, invstd, ctx.eps)
         return gx, gw if ctx.needs_input_grad[1] else None, gb if ctx.needs_input_grad[2] else None, None, None, None, None
 
 
@@ -199,10 +199,10 @@ class BatchNormGrad(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, gy, x, weight, mean, invstd, reserve, impl, eps):
+    def forward(ctx, gy, x, weight, mean, invstd, eps):
         ctx.save_for_backward(gy, x, weight, mean, invstd)
-        return torch.ops.aten._batch_norm_impl_index_backward(
-            impl, x, gy, weight, None, None, mean, invstd, True, eps, [True, True, True], reserve)
+        return torch.ops.aten.native_batch_norm_backward(gy, x, weight, None, None, mean, invstd, True, eps,
+                                                         [True, True, True])
 
     @staticmethod
     def backward(ctx, ggx, ggw, ggb):
@@ -229,7 +229,7 @@ class BatchNormGrad(torch.autograd.Function):
         d_x = torch.addcmul(channel(-s * V_mean), x_hat, channel(-s * (xhat_V_mean + ws * A)))
         d_x.addcmul_(gy, channel(s * beta)).addcmul_(ggx, channel(-s * ws * gy_xhat))
         d_w = None if weight is None else M * s * A
-        return d_gy, d_x, d_w, None, None, None, None, None
+        return d_gy, d_x, d_w, None, None, None
 
 
 def reuse_freed_memory():
