@@ -9,11 +9,12 @@ Speed on CPU: images go through the network in channels-last memory format, wher
 convolutions, BatchNorm and pooling run faster (conv4's 75-image query pass: forward and backward
 1.5x faster). A model gets channels-last input only once it gave the same outputs on it
 (``fast_layout``). The support passes of second order are differentiated twice, and there
-BatchNorm gets a closed-form double backward (``BatchNormSecondOrder``): 3.5x cheaper than
-PyTorch's composite one on conv4's support activations, which also mixed the two layouts and
-made channels-last 1.8x slower there. Tasks still run one at a time: folding them into one
-grouped-convolution batch and ``vmap`` measured slower on 2 cores, and one thread per task only
-5% faster. ``reuse_freed_memory()`` is a process setting that cut conv4's CPU meta-step by 25-40%
+BatchNorm and convolution get leaner double backwards (``SecondOrderKernels``): BatchNorm's is
+closed form, 3.5x cheaper than PyTorch's composite one on conv4's support activations, which also
+mixed the two layouts and made channels-last 1.8x slower there; convolution's skips the images'
+gradient. Tasks still run one at a time: folding them into one grouped-convolution batch and
+``vmap`` measured slower on 2 cores, and one thread per task only 5% faster.
+``reuse_freed_memory()`` is a process setting that cut conv4's CPU meta-step by 25-40%
 on Linux.
 """
 import contextlib
@@ -70,8 +71,8 @@ def adapt(model, params, x, y, steps, lr, first_order=False):
     """`steps` SGD steps of cross-entropy on (x, y) from `params`; returns the adapted dict."""
     if steps > 0:
         x = fast_layout(model, params, x)
-    # Second order differentiates these passes twice, where PyTorch's BatchNorm double backward is slow.
-    with contextlib.nullcontext() if first_order else BatchNormSecondOrder():
+    # Second order differentiates these passes twice, where PyTorch's BatchNorm and convolution are slow.
+    with contextlib.nullcontext() if first_order else SecondOrderKernels():
         for _ in range(steps):
             loss = F.cross_entropy(functional_call(model, params, (x,)), y)
             grads = torch.autograd.grad(loss, list(params.values()), create_graph=not first_order,
@@ -145,18 +146,24 @@ def evaluate(model, params, episodes, steps, lr):
     return mean, 1.96 * std / math.sqrt(n)
 
 
-# ---------------------------------------------------------------------------- BatchNorm's double backward
+# ---------------------------------------------------------------------------- cheaper double backwards
 
-class BatchNormSecondOrder(TorchFunctionMode):
-    """Within it, F.batch_norm on batch statistics (CPU) keeps PyTorch's forward and backward kernels, so
-    values and first gradients are PyTorch's bit for bit, and gets a double backward of about 15 tensor
-    passes in place of PyTorch's composite one of about 40 (3.5x faster on conv4's 5x32x84x84 support
-    activations; ``BatchNormGrad.backward``). Anything else, and BatchNorm on other devices, runs unchanged.
+class SecondOrderKernels(TorchFunctionMode):
+    """Within it, F.batch_norm on batch statistics and F.conv2d, on CPU, get cheaper double backwards.
+
+    Their forward and first backward call PyTorch's own kernels, so values and first gradients are
+    PyTorch's bit for bit; only the derivatives of those gradients are ours. BatchNorm's
+    (``BatchNormGrad.backward``) takes about 15 tensor passes in place of PyTorch's composite of about 40:
+    3.5x faster on conv4's 5x32x84x84 support activations. Convolution's (``ConvolutionGrad.backward``)
+    skips the gradient for inputs that need none, such as the images. Anything else, and other devices,
+    run unchanged.
     """
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         if func is F.batch_norm:
             return batch_norm(*args, **(kwargs or {}))
+        if func is F.conv2d:
+            return conv2d(*args, **(kwargs or {}))
         return func(*args, **(kwargs or {}))
 
 
@@ -230,6 +237,81 @@ class BatchNormGrad(torch.autograd.Function):
         d_x.addcmul_(gy, channel(s * beta)).addcmul_(ggx, channel(-s * ws * gy_xhat))
         d_w = None if weight is None else M * s * A
         return d_gy, d_x, d_w, None, None, None
+
+
+def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
+    """F.conv2d, as ``Convolution`` (a leaner double backward) for batched input on CPU with numeric padding."""
+    if input.device.type != "cpu" or input.dim() != 4 or isinstance(padding, str):
+        return F.conv2d(input, weight, bias, stride, padding, dilation, groups)
+
+    def pair(v):
+        return list(v) if isinstance(v, (tuple, list)) else [v, v]
+
+    return Convolution.apply(input, weight, bias, (pair(stride), pair(padding), pair(dilation), groups))
+
+
+class Convolution(torch.autograd.Function):
+    """A 2-D convolution through PyTorch's own kernel; its backward is ``ConvolutionGrad``."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, geometry):
+        stride, padding, dilation, groups = geometry
+        ctx.save_for_backward(x, weight)
+        ctx.geometry = geometry
+        return torch.convolution(x, weight, bias, stride, padding, dilation, False, [0, 0], groups)
+
+    @staticmethod
+    def backward(ctx, gy):
+        x, weight = ctx.saved_tensors
+        gx, gw, gb = ConvolutionGrad.apply(gy, x, weight, ctx.geometry, list(ctx.needs_input_grad[:3]))
+        return gx, gw, gb, None
+
+
+class ConvolutionGrad(torch.autograd.Function):
+    """A convolution's backward (PyTorch's kernel), computing only the gradients in `needs`, and its derivatives.
+
+    With y = conv(x, w) + b, the backward gives gx = conv_x^T(gy) (linear in gy, for fixed w),
+    gw = conv_w^T(gy) (linear in gy and x) and gb = sum of gy. Given a loss's gradients (ggx, ggw, ggb)
+    on those, the adjoints give
+        d gy = conv(ggx, w) + conv(x, ggw) + ggb,   d x = conv_x^T(gy) with ggw as weight,   d w = conv_w^T(gy) on ggx,
+    each computed only where it is needed. (PyTorch's own double backward also computes d x for inputs that
+    need no gradient, such as the images, and its d w by a transposed convolution.)
+    """
+
+    @staticmethod
+    def forward(ctx, gy, x, weight, geometry, needs):
+        stride, padding, dilation, groups = geometry
+        ctx.set_materialize_grads(False)                 # a missing ggx, ggw or ggb means: skip its terms
+        ctx.save_for_backward(gy, x, weight)
+        ctx.geometry = geometry
+        return torch.ops.aten.convolution_backward(gy, x, weight, [weight.shape[0]] if needs[2] else None, stride,
+                                                   padding, dilation, False, [0, 0], groups, needs)
+
+    @staticmethod
+    def backward(ctx, ggx, ggw, ggb):
+        gy, x, weight = ctx.saved_tensors
+        stride, padding, dilation, groups = ctx.geometry
+
+        def conv(a, k, b=None):
+            return torch.convolution(a, k, b, stride, padding, dilation, False, [0, 0], groups)
+
+        def conv_backward(a, k, mask):                   # (d input, d weight) of conv(a, k) under gy
+            return torch.ops.aten.convolution_backward(gy, a, k, None, stride, padding, dilation, False, [0, 0],
+                                                       groups, mask + [False])[:2]
+
+        d_gy = d_x = d_w = None
+        if ctx.needs_input_grad[0]:
+            if ggw is not None:
+                d_gy = conv(x, ggw, ggb)
+            if ggx is not None:
+                d_gy = conv(ggx, weight, ggb) if d_gy is None else d_gy.add_(conv(ggx, weight))
+            if d_gy is None and ggb is not None:
+                d_gy = ggb.view(1, -1, 1, 1).expand_as(gy)
+        if ctx.needs_input_grad[1] and ggw is not None:
+            d_x = conv_backward(x, ggw, [True, False])[0]
+        if ctx.needs_input_grad[2] and ggx is not None:
+            d_w = conv_backward(ggx, weight, [False, True])[1]
+        return d_gy, d_x, d_w, None, None
 
 
 def reuse_freed_memory():

@@ -1093,16 +1093,27 @@ def test_layout_check_leaves_running_statistics_and_the_random_stream_as_the_pla
         assert torch.allclose(a.float(), b.float(), atol=1e-6)
 
 
-def batch_norm_grads(x, weight, bias, upstream, second_order_mode):
-    """First gradients of F.batch_norm (weighted by `upstream`) and the gradients of a loss on them."""
-    inputs = [t for t in (x, weight, bias) if t is not None]
-    with second_order_mode() if second_order_mode else contextlib.nullcontext():
-        out = F.batch_norm(x, None, None, weight, bias, training=True)
-    first = torch.autograd.grad(out, inputs, upstream, create_graph=True)
+def double_backward(op, inputs, upstream, mode):
+    """op(*inputs), its first gradients (weighted by `upstream`) w.r.t. the inputs that need them, and the
+    gradients of a loss on those first gradients w.r.t. the same inputs and `upstream`."""
+    wanted = [t for t in inputs if t is not None and t.requires_grad]
+    with mode() if mode else contextlib.nullcontext():
+        out = op(*inputs)
+    first = torch.autograd.grad(out, wanted, upstream, create_graph=True)
     loss = sum((torch.sin(torch.arange(g.numel(), dtype=g.dtype)).view_as(g) * g).sum() for g in first)
-    loss = loss + (first[0] ** 2).sum() * 0.5  # a nonlinear use of the input gradient too
-    second = torch.autograd.grad(loss, inputs + [upstream], materialize_grads=True)
+    loss = loss + (first[0] ** 2).sum() * 0.5  # a nonlinear use of a first gradient too
+    second = torch.autograd.grad(loss, wanted + [upstream], materialize_grads=True)
     return out, first, second
+
+
+def assert_same_double_backward(op, inputs, upstream):
+    """PyTorch's forward and first gradients bit for bit, and its second gradients to 1e-12 (float64)."""
+    out, first, second = double_backward(op, inputs, upstream, maml.SecondOrderKernels)
+    ref_out, ref_first, ref_second = double_backward(op, inputs, upstream, None)
+    assert torch.equal(out, ref_out)  # PyTorch's own kernels: the same bits
+    assert all(torch.equal(a, b) for a, b in zip(first, ref_first))
+    for a, b in zip(second, ref_second):
+        assert torch.allclose(a, b, rtol=0, atol=1e-12), (a - b).abs().max().item()
 
 
 @pytest.mark.parametrize("affine", [True, False])
@@ -1113,12 +1124,8 @@ def test_batchnorm_double_backward_equals_pytorchs(shape, affine):
     weight, bias = ((torch.rand(shape[1], dtype=torch.float64) + 0.5).requires_grad_() for _ in range(2)) if affine \
         else (None, None)
     upstream = torch.randn(shape, dtype=torch.float64, requires_grad=True)
-    out, first, second = batch_norm_grads(x, weight, bias, upstream, maml.BatchNormSecondOrder)
-    ref_out, ref_first, ref_second = batch_norm_grads(x, weight, bias, upstream, None)
-    assert torch.equal(out, ref_out)  # PyTorch's own kernels: the same bits
-    assert all(torch.equal(a, b) for a, b in zip(first, ref_first))
-    for a, b in zip(second, ref_second):
-        assert torch.allclose(a, b, rtol=0, atol=1e-12), (a - b).abs().max().item()
+    assert_same_double_backward(lambda x, w, b: F.batch_norm(x, None, None, w, b, training=True), (x, weight, bias),
+                                upstream)
 
 
 def test_batchnorm_double_backward_passes_gradcheck():
@@ -1127,7 +1134,7 @@ def test_batchnorm_double_backward_passes_gradcheck():
     weight = torch.rand(2, dtype=torch.float64, requires_grad=True)
 
     def gradients(x, weight, upstream):
-        with maml.BatchNormSecondOrder():
+        with maml.SecondOrderKernels():
             out = F.batch_norm(x, None, None, weight, None, training=True)
         return torch.autograd.grad(out, (x, weight), upstream, create_graph=True)
 
@@ -1137,7 +1144,7 @@ def test_batchnorm_double_backward_passes_gradcheck():
 def test_batchnorm_mode_leaves_other_uses_of_batchnorm_to_pytorch():
     x = torch.randn(4, 3, 5, 5, requires_grad=True)
     bn = nn.BatchNorm2d(3)
-    with maml.BatchNormSecondOrder():
+    with maml.SecondOrderKernels():
         trained = bn(x)
         bn.eval()
         evaluated = bn(x)
@@ -1148,6 +1155,51 @@ def test_batchnorm_mode_leaves_other_uses_of_batchnorm_to_pytorch():
     reference = nn.BatchNorm2d(3)
     reference(x)
     assert torch.equal(bn.running_mean, reference.running_mean) and torch.equal(bn.running_var, reference.running_var)
+
+
+@pytest.mark.parametrize("images", [False, True])  # x needs no gradient, as the images, or does
+@pytest.mark.parametrize("geometry", [dict(padding=1), dict(stride=2, padding=(1, 0), dilation=(1, 2), groups=2),
+                                      dict(stride=(2, 1), bias=False, channels_last=True)])
+def test_convolution_double_backward_equals_pytorchs(geometry, images):
+    torch.manual_seed(0)
+    geometry = dict(geometry)
+    groups, has_bias = geometry.get("groups", 1), geometry.pop("bias", True)
+    layout = torch.channels_last if geometry.pop("channels_last", False) else torch.contiguous_format
+    x = torch.randn(3, 4, 9, 8, dtype=torch.float64).contiguous(memory_format=layout).requires_grad_(images)
+    weight = torch.randn(6, 4 // groups, 3, 3, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(6, dtype=torch.float64, requires_grad=True) if has_bias else None
+
+    def conv(x, weight, bias):
+        return F.conv2d(x, weight, bias, **geometry)
+
+    upstream = torch.randn_like(conv(x, weight, bias)).requires_grad_()
+    assert_same_double_backward(conv, (x, weight, bias), upstream)
+
+
+def test_convolution_double_backward_passes_gradcheck():
+    torch.manual_seed(0)
+    x = torch.randn(2, 2, 5, 5, dtype=torch.float64, requires_grad=True)
+    weight, bias = torch.randn(3, 2, 3, 3, dtype=torch.float64, requires_grad=True), torch.randn(3, dtype=torch.float64)
+    upstream = torch.randn(2, 3, 3, 3, dtype=torch.float64, requires_grad=True)
+    bias.requires_grad_()
+
+    def gradients(x, weight, bias, upstream):
+        with maml.SecondOrderKernels():
+            out = F.conv2d(x, weight, bias, stride=1)
+        return torch.autograd.grad(out, (x, weight, bias), upstream, create_graph=True)
+
+    assert torch.autograd.gradcheck(gradients, (x, weight, bias, upstream))
+
+
+def test_convolution_mode_leaves_string_padding_and_unbatched_input_to_pytorch():
+    weight = torch.randn(2, 3, 3, 3, requires_grad=True)
+    with maml.SecondOrderKernels():
+        ours = F.conv2d(torch.randn(1, 3, 5, 5), weight, padding=1)
+        same = F.conv2d(torch.randn(1, 3, 5, 5), weight, padding="same")
+        unbatched = F.conv2d(torch.randn(3, 5, 5), weight)
+    assert type(ours.grad_fn).__name__ == "ConvolutionBackward"
+    assert type(same.grad_fn).__name__ == "ConvolutionBackward0"  # PyTorch's
+    assert type(unbatched.grad_fn.next_functions[0][0]).__name__ == "ConvolutionBackward0"  # under a squeeze
 
 
 def test_bench_runs_end_to_end_on_a_tiny_setting():
