@@ -268,14 +268,14 @@ class Convolution(torch.autograd.Function):
 
 
 class ConvolutionGrad(torch.autograd.Function):
-    """A convolution's backward (PyTorch's kernel), computing only the gradients in `needs`, and its derivatives.
+    """A convolution's backward (PyTorch's kernel, only the gradients in `needs`), and its derivatives.
 
-    With y = conv(x, w) + b, the backward gives gx = conv_x^T(gy) (linear in gy, for fixed w),
-    gw = conv_w^T(gy) (linear in gy and x) and gb = sum of gy. Given a loss's gradients (ggx, ggw, ggb)
-    on those, the adjoints give
-        d gy = conv(ggx, w) + conv(x, ggw) + ggb,   d x = conv_x^T(gy) with ggw as weight,   d w = conv_w^T(gy) on ggx,
-    each computed only where it is needed. (PyTorch's own double backward also computes d x for inputs that
-    need no gradient, such as the images, and its d w by a transposed convolution.)
+    With y = conv(x, w) + b, the backward gives gx = conv^T(gy; w), linear in gy; gw = wgrad(x, gy),
+    linear in x and in gy; gb = the sum of gy. Given a loss's gradients (ggx, ggw, ggb) on those,
+    the adjoints give
+        d gy = conv(ggx; w) + conv(x; ggw) + ggb,   d x = conv^T(gy; ggw),   d w = wgrad(ggx, gy),
+    each only where it is needed. PyTorch's own double backward also computes d x for inputs that
+    need no gradient, such as the images, and d w through a transposed convolution and a copy.
     """
 
     @staticmethod

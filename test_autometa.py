@@ -1159,14 +1159,15 @@ def test_batchnorm_mode_leaves_other_uses_of_batchnorm_to_pytorch():
 
 @pytest.mark.parametrize("images", [False, True])  # x needs no gradient, as the images, or does
 @pytest.mark.parametrize("geometry", [dict(padding=1), dict(stride=2, padding=(1, 0), dilation=(1, 2), groups=2),
-                                      dict(stride=(2, 1), bias=False, channels_last=True)])
+                                      dict(stride=(2, 1), bias=False, channels_last=True), dict(frozen_weight=True)])
 def test_convolution_double_backward_equals_pytorchs(geometry, images):
     torch.manual_seed(0)
     geometry = dict(geometry)
     groups, has_bias = geometry.get("groups", 1), geometry.pop("bias", True)
+    frozen = geometry.pop("frozen_weight", False)  # then only the bias has first gradients (with or without x's)
     layout = torch.channels_last if geometry.pop("channels_last", False) else torch.contiguous_format
     x = torch.randn(3, 4, 9, 8, dtype=torch.float64).contiguous(memory_format=layout).requires_grad_(images)
-    weight = torch.randn(6, 4 // groups, 3, 3, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(6, 4 // groups, 3, 3, dtype=torch.float64, requires_grad=not frozen)
     bias = torch.randn(6, dtype=torch.float64, requires_grad=True) if has_bias else None
 
     def conv(x, weight, bias):
@@ -1178,14 +1179,12 @@ def test_convolution_double_backward_equals_pytorchs(geometry, images):
 
 def test_convolution_double_backward_passes_gradcheck():
     torch.manual_seed(0)
-    x = torch.randn(2, 2, 5, 5, dtype=torch.float64, requires_grad=True)
-    weight, bias = torch.randn(3, 2, 3, 3, dtype=torch.float64, requires_grad=True), torch.randn(3, dtype=torch.float64)
-    upstream = torch.randn(2, 3, 3, 3, dtype=torch.float64, requires_grad=True)
-    bias.requires_grad_()
+    x, weight, bias, upstream = (torch.randn(shape, dtype=torch.float64, requires_grad=True)
+                                 for shape in ((2, 2, 5, 5), (3, 2, 3, 3), (3,), (2, 3, 3, 3)))
 
     def gradients(x, weight, bias, upstream):
         with maml.SecondOrderKernels():
-            out = F.conv2d(x, weight, bias, stride=1)
+            out = F.conv2d(x, weight, bias, stride=2, padding=1)
         return torch.autograd.grad(out, (x, weight, bias), upstream, create_graph=True)
 
     assert torch.autograd.gradcheck(gradients, (x, weight, bias, upstream))
