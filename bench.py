@@ -1,11 +1,11 @@
-"""Benchmark: seconds per MAML meta-step of maml.py against the per-task loop other libraries use.
+"""--bench: seconds per MAML meta-step with fastcpu.py's speed-ups ("ours") and without ("loop").
 
-learn2learn and higher adapt one task at a time, each inner step an
-``autograd.grad(create_graph=True)`` on the task's own copy of the weights; ``reference_meta_loss``
-below is that loop, written out. Both are timed in one process on the same task batch,
-interleaved, and compared on their meta-gradients. On CPU every workload is timed twice: first
-with glibc's default allocator (a fresh process, as those libraries run), then after
-``maml.reuse_freed_memory()`` (as autometa.py runs), which speeds up both. Run it as
+Without them, maml.py adapts one task at a time, each inner step an ``autograd.grad(create_graph=True)``
+on the task's own fast weights: the per-task loop that learn2learn and higher run. Both are timed
+in one process on the same task batch, interleaved, and compared on their meta-gradients. On CPU
+every workload is timed twice: first with glibc's default allocator (a fresh process, as those
+libraries run), then after ``fastcpu.reuse_freed_memory()`` (as autometa.py runs), which speeds up
+both. Run it as
 
     python autometa.py --bench conv4 --preset paper    # MAML's conv4 on the Mini-ImageNet workload
     python autometa.py --bench cell                    # the Auto-Meta cell at the default search's size
@@ -20,34 +20,28 @@ import sys
 import time
 
 import torch
-import torch.nn.functional as F
-from torch.func import functional_call
 from torch.profiler import ProfilerActivity, profile
 
 import cells
 import data
+import fastcpu
 import maml
+from scoring import build_model, make_scorer
 
 WORKLOADS = ("all", "conv4", "cell")
+METHODS = ("ours", "loop")
 REPEATS = 5  # timed meta-steps per method, workload and allocator (after one warm-up step); medians are reported
 CANDIDATE_ITERS, CANDIDATE_EPISODES = 10, 20  # the timed search candidate; the full one is extrapolated
 
 
-def reference_meta_loss(model, params, tasks, steps, lr, first_order=False):
-    """MAML as learn2learn and higher run it: one task at a time, autograd.grad(create_graph=True)."""
-    xs, ys, xq, yq = tasks
-    losses = []
-    for t in range(xs.shape[0]):
-        fast = params
-        for _ in range(steps):
-            loss = F.cross_entropy(functional_call(model, fast, (xs[t],)), ys[t])
-            grads = torch.autograd.grad(loss, list(fast.values()), create_graph=not first_order)
-            fast = {name: p - lr * g for (name, p), g in zip(fast.items(), grads)}
-        losses.append(F.cross_entropy(functional_call(model, fast, (xq[t],)), yq[t]))
-    return torch.stack(losses).mean(), None
-
-
-METHODS = {"ours": maml.meta_loss, "loop": reference_meta_loss}
+@contextlib.contextmanager
+def method(name, model, first_order):
+    """Within it, `layout(tasks)` prepares a task batch for `name`: fastcpu.py's speed-ups on ("ours") or off."""
+    if name == "ours":
+        with fastcpu.speedups(model, first_order) as layout:
+            yield layout
+    else:
+        yield lambda tasks: tasks
 
 
 def synchronize(device):
@@ -56,39 +50,35 @@ def synchronize(device):
         torch.cuda.synchronize(device)
 
 
-def meta_step(loss_fn, model, optimizer, tasks, steps, lr, first_order):
-    """One outer update (forward, backward, Adam step) with `loss_fn`, as maml.meta_step does it."""
-    loss, _ = loss_fn(model, dict(model.named_parameters()), tasks, steps, lr, first_order)
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    optimizer.step()
-
-
 def time_methods(model, tasks, steps, lr, meta_lr, first_order, repeats, device):
     """Median seconds per meta-step of every method, timed interleaved on copies of `model`."""
     runs = {}
     for name in METHODS:
         m = copy.deepcopy(model)
-        runs[name] = (m, torch.optim.Adam(m.parameters(), lr=meta_lr), [])
-    for r in range(repeats + 1):  # round 0 warms up (allocations, layout checks) and is not counted
+        with method(name, m, first_order) as layout:
+            batch = layout(tasks)  # the layout check runs once, here, not in the timed steps
+        runs[name] = (m, torch.optim.Adam(m.parameters(), lr=meta_lr), batch, [])
+    for r in range(repeats + 1):  # round 0 warms up (allocations) and is not counted
         for name in (METHODS if r % 2 else reversed(METHODS)):  # alternate the order: neither always runs first
-            m, optimizer, seconds = runs[name]
-            synchronize(device)
-            start = time.perf_counter()
-            meta_step(METHODS[name], m, optimizer, tasks, steps, lr, first_order)
-            synchronize(device)
+            m, optimizer, batch, seconds = runs[name]
+            with method(name, m, first_order):
+                synchronize(device)
+                start = time.perf_counter()
+                maml.meta_step(m, optimizer, batch, steps, lr, first_order)
+                synchronize(device)
             if r > 0:
                 seconds.append(time.perf_counter() - start)
-    return {name: statistics.median(seconds) for name, (_, _, seconds) in runs.items()}
+    return {name: statistics.median(seconds) for name, (_, _, _, seconds) in runs.items()}
 
 
 def meta_gradients(model, tasks, steps, lr, first_order):
     """The meta-gradient of every method at the same weights: name -> list of tensors."""
     grads = {}
-    for name, loss_fn in METHODS.items():
+    for name in METHODS:
         params = dict(model.named_parameters())
-        loss, _ = loss_fn(model, params, tasks, steps, lr, first_order)
-        grads[name] = torch.autograd.grad(loss, list(params.values()))
+        with method(name, model, first_order) as layout:
+            loss, _ = maml.meta_loss(model, params, layout(tasks), steps, lr, first_order)
+            grads[name] = torch.autograd.grad(loss, list(params.values()))
     return grads
 
 
@@ -107,21 +97,25 @@ def gradient_check(model, tasks, steps, lr, first_order):
                 rounding=gap(g32["loop"], g64["loop"]), scale=max(g.abs().max().item() for g in g64["loop"]))
 
 
-def peak_memory(loss_fn, model, tasks, steps, lr, first_order, device):
+def peak_memory(name, model, tasks, steps, lr, first_order, device):
     """Peak bytes of tensors alive during one meta-loss forward and backward, above what was alive before."""
     params = dict(model.named_parameters())
+
+    def forward_backward():
+        with method(name, model, first_order) as layout:
+            loss, _ = maml.meta_loss(model, params, layout(tasks), steps, lr, first_order)
+            torch.autograd.grad(loss, list(params.values()))
+
     if device.type == "cuda":
         synchronize(device)
         before = torch.cuda.memory_allocated(device)
         torch.cuda.reset_peak_memory_stats(device)
-        loss, _ = loss_fn(model, params, tasks, steps, lr, first_order)
-        torch.autograd.grad(loss, list(params.values()))
+        forward_backward()
         synchronize(device)
         return torch.cuda.max_memory_allocated(device) - before
     # On CPU the profiler records each allocation (on the op that made it) and each free, in time order.
     with quiet_stderr(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        loss, _ = loss_fn(model, params, tasks, steps, lr, first_order)
-        torch.autograd.grad(loss, list(params.values()))
+        forward_backward()
     alive = peak = 0
     for _, change in sorted((e.time_range.start, e.self_cpu_memory_usage) for e in prof.events()
                             if e.self_cpu_memory_usage):
@@ -149,12 +143,11 @@ def workloads(cfg, which, device):
     found = []
     if which in ("all", "conv4"):
         torch.manual_seed(cfg.seed)
-        conv4 = cells.build_network("conv4", cfg.ways, cfg.image_size).to(device)
+        conv4 = build_model(cfg, "conv4").to(device)
         found += [("conv4, second order", conv4, False), ("conv4, first order", conv4, True)]
     if which in ("all", "cell"):
         torch.manual_seed(cfg.seed)
-        network = cells.build_network(cells.AUTOMETA_CELL, cfg.ways, cfg.image_size, cfg.channels, cfg.cells,
-                                      cfg.reductions, cfg.stem_stride).to(device)
+        network = build_model(cfg, cells.AUTOMETA_CELL).to(device)
         found.append((f"autometa cell, {'first' if cfg.first_order else 'second'} order", network, cfg.first_order))
     return found
 
@@ -169,7 +162,7 @@ def time_workloads(jobs, tasks, cfg, device):
     print(f"{'seconds per meta-step':27s} {'allocator':9s} {'ours':>8s} {'loop':>8s} {'loop/ours':>9s}")
     seconds = {}
     for allocator in allocators(device):
-        if allocator == "reused" and not maml.reuse_freed_memory():
+        if allocator == "reused" and not fastcpu.reuse_freed_memory():
             print("(this C library has no mallopt: memory reuse not timed)")
             break
         for title, model, first_order in jobs:
@@ -189,7 +182,7 @@ def check_workloads(jobs, tasks, cfg, device):
     """Print the peak tensor memory and the meta-gradient check of every workload."""
     steps, lr = cfg.inner_steps, cfg.inner_lr
     for title, model, first_order in jobs:
-        memory = {name: peak_memory(fn, model, tasks, steps, lr, first_order, device) for name, fn in METHODS.items()}
+        memory = {name: peak_memory(name, model, tasks, steps, lr, first_order, device) for name in METHODS}
         check = gradient_check(model, tasks, steps, lr, first_order)
         print(f"{title}: peak tensor memory {memory['ours'] / 2**20:.0f} MiB ours, {memory['loop'] / 2**20:.0f} MiB "
               f"loop ({cells.count_parameters(model)} parameters)")
@@ -200,7 +193,7 @@ def check_workloads(jobs, tasks, cfg, device):
         print(f"process peak resident memory: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.1f} GiB")
 
 
-def run(cfg, splits, device, make_scorer, which="all"):
+def run(cfg, splits, device, which="all"):
     """The --bench command: time, check and measure `which` workloads under the settings in `cfg`."""
     sampler = data.EpisodeSampler(splits["train"], cfg.ways, cfg.shots, cfg.queries, cfg.seed)
     tasks = maml.to_device(sampler.sample(cfg.meta_batch), device)
@@ -214,7 +207,7 @@ def run(cfg, splits, device, make_scorer, which="all"):
     print(f"episode sampler: {rate * cfg.meta_batch:.0f} episodes/s ({1000 / rate:.1f} ms per batch of "
           f"{cfg.meta_batch})")
     if which in ("all", "cell"):
-        time_candidate(cfg, splits, device, make_scorer, seconds)
+        time_candidate(cfg, splits, device, seconds)
 
 
 def sampler_rate(sampler, meta_batch, seconds=1.0):
@@ -226,7 +219,7 @@ def sampler_rate(sampler, meta_batch, seconds=1.0):
     return count / (time.perf_counter() - start)
 
 
-def time_candidate(cfg, splits, device, make_scorer, seconds):
+def time_candidate(cfg, splits, device, seconds):
     """Time one search candidate (the autometa cell) end to end, shortened, and scale it to `cfg`'s length."""
     short = dataclasses.replace(cfg, meta_iters=CANDIDATE_ITERS, eval_episodes=CANDIDATE_EPISODES)
     score = make_scorer(short, splits, device)

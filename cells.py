@@ -7,7 +7,6 @@ block outputs. Every BatchNorm uses the current batch's statistics
 (``track_running_stats=False``), as MAML does, so a network behaves the same in training
 and at test time.
 """
-import itertools
 import json
 import os
 
@@ -83,45 +82,7 @@ AUTOMETA_CELL = (
 BUILTIN = {"conv4": "conv4", "autometa": AUTOMETA_CELL}
 
 
-# ---------------------------------------------------------------------------- cell encodings
-
-def canonical(cell):
-    """Order the two halves of every block so that symmetric duplicates compare equal."""
-    return tuple(tuple(a + b) if a <= b else tuple(b + a)
-                 for a, b in (((in1, op1), (in2, op2)) for in1, op1, in2, op2 in cell))
-
-
-def expand(cell, ops):
-    """Every canonical child of `cell` with one more block (105 one-block cells for 7 ops)."""
-    choices = sorted((i, op) for i in range(len(cell) + 2) for op in ops)
-    return [tuple(cell) + (a + b,) for a, b in itertools.combinations_with_replacement(choices, 2)]
-
-
-def encode(cell, max_blocks, ops):
-    """Fixed-length vector for the predictor: the mean over blocks of one-hot [in1, op1, in2, op2].
-
-    Averaging over blocks (as PNAS's MLP predictor does) lets what was learnt from b-block
-    cells carry over to their (b+1)-block children.
-    """
-    n_inputs, ops = max_blocks + 1, list(ops)
-    half = n_inputs + len(ops)
-    vec = torch.zeros(2 * half)
-    for in1, op1, in2, op2 in canonical(cell):
-        for offset, (i, op) in ((0, (in1, op1)), (half, (in2, op2))):
-            vec[offset + i] += 1.0 / len(cell)
-            vec[offset + n_inputs + ops.index(op)] += 1.0 / len(cell)
-    return vec
-
-
-def cell_to_json(cell):
-    """A cell as JSON-ready data: a list of [in1, "op1", in2, "op2"]."""
-    return [list(block) for block in cell]
-
-
-def cell_key(cell):
-    """A stable string naming a cell up to symmetric halves (used for logs and seeds)."""
-    return json.dumps(cell_to_json(canonical(cell)), separators=(",", ":"))
-
+# ---------------------------------------------------------------------------- reading architectures
 
 def parse_cell(blocks, ops=tuple(OPS)):
     """Validate JSON data as a cell and return it as a tuple of blocks."""
@@ -142,22 +103,35 @@ def parse_cell(blocks, ops=tuple(OPS)):
     return tuple(cell)
 
 
-def load_arch(name_or_path):
-    """A built-in name ('conv4', 'autometa'), a JSON cell file, or a search's best.json."""
-    if name_or_path in BUILTIN:
-        return BUILTIN[name_or_path]
-    if not os.path.isfile(name_or_path):
-        raise CellError(f"architecture {name_or_path!r} is neither a built-in ({', '.join(BUILTIN)}) nor a JSON file: pass one of those")
+def load_arch(text):
+    """An architecture from any of its written forms: a built-in name ('conv4', 'autometa'), an inline
+    JSON list of blocks, a JSON file holding one, or a search's best.json. Returns 'conv4' or a cell tuple."""
+    if text in BUILTIN:
+        return BUILTIN[text]
+    if text.lstrip().startswith("["):
+        try:
+            return parse_cell(json.loads(text))
+        except json.JSONDecodeError as e:
+            raise CellError(f"the cell {text!r} is not valid JSON ({e.msg}): write it as a JSON list of blocks "
+                            "[in1, \"op1\", in2, \"op2\"]") from e
+    if not os.path.isfile(text):
+        raise CellError(f"architecture {text!r} is neither a built-in ({', '.join(BUILTIN)}), an inline JSON list "
+                        "nor a JSON file: pass one of those")
     try:
-        with open(name_or_path) as f:
+        with open(text) as f:
             data = json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CellError(f"{name_or_path} is not valid JSON ({e}): write the cell as a JSON list of blocks") from e
+        raise CellError(f"{text} is not valid JSON ({e}): write the cell as a JSON list of blocks") from e
     if isinstance(data, dict):
         if "cell" not in data:
-            raise CellError(f"{name_or_path} has no \"cell\" entry: pass a JSON list of blocks or a search's best.json")
+            raise CellError(f"{text} has no \"cell\" entry: pass a JSON list of blocks or a search's best.json")
         data = data["cell"]
     return parse_cell(data)
+
+
+def arch_name(arch):
+    """'conv4' or the cell's JSON text: what logs and checkpoints record, and load_arch reads back."""
+    return arch if arch == "conv4" else json.dumps([list(block) for block in arch])
 
 
 # ---------------------------------------------------------------------------- networks

@@ -16,7 +16,6 @@ import csv
 import hashlib
 import os
 import pickle
-import tempfile
 import zipfile
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -26,6 +25,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
+
+from files import atomic_write
 
 SPLITS = ('train', 'val', 'test')
 SPLIT_NAMES = {'train': ('train',), 'val': ('val', 'validation'), 'test': ('test',)}  # accepted file names
@@ -46,6 +47,16 @@ class Split:
     classes: list[str]     # class names, index = label
     images: np.ndarray     # (N, H, W, 3) uint8
     labels: np.ndarray     # (N,) int64, values in range(len(classes))
+
+
+def splits_for(cfg, needed=SPLITS) -> dict[str, Split]:
+    """The splits a run with Config `cfg` reads, each checked to give its episodes (cache: cfg.cache_dir
+    or cache/ beside cfg.out)."""
+    cache = cfg.cache_dir or os.path.join(os.path.dirname(os.path.abspath(cfg.out)), 'cache')
+    splits = load_splits(cfg.data, cfg.image_size, cache, seed=cfg.seed)
+    for name in needed:
+        check_split(splits[name], cfg.ways, cfg.shots, cfg.queries)
+    return splits
 
 
 def default_image_size(source: str) -> int:
@@ -345,13 +356,7 @@ def _read_cache(path: Path, name: str) -> Split | None:
 
 
 def _write_cache(path: Path, split: Split) -> None:
-    """Write split to path atomically: a temp file in the same folder, then os.replace."""
+    """Write split to path atomically, so a kill never leaves half a cache file."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix='.tmp')
-    try:
-        with os.fdopen(fd, 'wb') as f:
-            np.savez(f, images=split.images, labels=split.labels, classes=np.array(split.classes))
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    atomic_write(path, lambda f: np.savez(f, images=split.images, labels=split.labels,
+                                          classes=np.array(split.classes)))

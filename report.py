@@ -241,6 +241,16 @@ def draw_training(history, path, chance=None):
     loss = [h["loss"] if math.isfinite(h["loss"]) else None for h in history]
     train = [100 * h["train_accuracy"] for h in history]
     val = [None if h.get("val_accuracy") is None else 100 * h["val_accuracy"] for h in history]
+    draw.text((20, 12), training_header(history, its, val), font=font(TITLE_SIZE), fill=INK)
+    xaxis = value_ticks(min(its), max(its), pad=0)
+    markers = len(history) <= 40
+    plot_loss(image, xaxis, its, loss, markers)
+    plot_accuracy(image, xaxis, its, train, val, chance, markers)
+    image.save(path)
+
+
+def training_header(history, its, val):
+    """The line above the plots: iterations, last loss, best validation accuracy and elapsed time."""
     header = f"iterations {its[0]}-{its[-1]}  ·  last loss {history[-1]['loss']:.3f}"
     measured = [(v, i) for v, i in zip(val, its) if v is not None]
     if measured:
@@ -248,10 +258,12 @@ def draw_training(history, path, chance=None):
         header += f"  ·  best validation accuracy {best:.2f}% at iteration {at}"
     if history[-1].get("seconds") is not None:
         header += f"  ·  {duration(history[-1]['seconds'])}"
-    draw.text((20, 12), header, font=font(TITLE_SIZE), fill=INK)
-    xticks, xlim = value_ticks(min(its), max(its), pad=0)
-    markers = len(history) <= 40
+    return header
 
+
+def plot_loss(image, xaxis, its, loss, markers):
+    """Left panel: the loss by iteration; `xaxis` is the (ticks, limits) pair both panels share."""
+    xticks, xlim = xaxis
     finite = [v for v in loss if v is not None] or [0.0]
     yticks, ylim = value_ticks(min(finite), max(finite))
     ax = Axes(image, (95, 130, 610, 470), xlim, ylim)
@@ -259,7 +271,12 @@ def draw_training(history, path, chance=None):
     legend(ax.draw, 95, 102, [("line", RED, "meta-training loss")])
     ax.series(its, loss, RED, markers=markers)
 
-    bounds = train + [v for v, _ in measured] + ([100 * chance] if chance else [])
+
+def plot_accuracy(image, xaxis, its, train, val, chance, markers):
+    """Right panel: train accuracy, validation accuracy where measured, and chance if given."""
+    xticks, xlim = xaxis
+    measured = [v for v in val if v is not None]
+    bounds = train + measured + ([100 * chance] if chance else [])
     yticks, ylim = value_ticks(min(bounds), max(bounds), clip=(0, 100))
     ax = Axes(image, (740, 130, 1255, 470), xlim, ylim)
     ax.frame("Few-shot accuracy", "iteration", "accuracy (%)", xticks, yticks)
@@ -271,7 +288,6 @@ def draw_training(history, path, chance=None):
     legend(ax.draw, 740, 102, entries)
     ax.series(its, train, BLUE, markers=markers)
     ax.series(its, val, ORANGE, markers=True)
-    image.save(path)
 
 
 # ---------------------------------------------------------------------------- cells
@@ -289,9 +305,17 @@ class CellLayout:
     # with n = 0, 1 (inputs), 2 + i (block i), len(cell) + 2 (concat), and ('via', n, column).
 
     def __init__(self, cell):
-        self.cell, n = cell, len(cell)
-        self.out = out = n + 2
-        self.sources = {2 + i: [in1, in2] for i, (in1, _, in2, _) in enumerate(cell)}
+        self.cell, self.out = cell, len(cell) + 2
+        self._place_columns()
+        anchor = self._measure()
+        self._stack_columns(anchor)
+        self._place_lefts()
+        self._place_ports()
+
+    def _place_columns(self):
+        """Each node's sources and depth, and the items of every column: nodes by depth, then vias."""
+        out = self.out
+        self.sources = {2 + i: [in1, in2] for i, (in1, _, in2, _) in enumerate(self.cell)}
         self.sources[out] = list(range(2, out))
         self.depth = {0: 0, 1: 0}
         for node in range(2, out + 1):
@@ -304,39 +328,57 @@ class CellLayout:
                 for c in range(self.depth[s] + 1, self.depth[node]):
                     if ("via", s, c) not in self.columns[c]:
                         self.columns[c].append(("via", s, c))
-        self.box_w = max(text_width(op) for block in cell for op in block[1::2]) + 24
+
+    def _measure(self):
+        """The width of an op box and the size of each kind of item; returns each kind's anchor."""
+        n = len(self.cell)
+        self.box_w = max(text_width(op) for block in self.cell for op in block[1::2]) + 24
         self.size = {"input": (text_width("0: cell k-2") + 24, 36), "out": (84, max(36, 22 * n + 8)), "via": (0, VIA_H),
                      "block": (self.box_w + 36 + 2 * PLUS_R, CAPTION_H + 2 * BOX_H + BOX_GAP)}
         # anchor: how far below an item's top its output leaves it (and, for a block, the middle of its two inputs)
-        anchor = {"input": 18, "block": CAPTION_H + BOX_H + BOX_GAP / 2, "out": self.size["out"][1] / 2,
-                  "via": VIA_H / 2}
+        return {"input": 18, "block": CAPTION_H + BOX_H + BOX_GAP / 2, "out": self.size["out"][1] / 2,
+                "via": VIA_H / 2}
+
+    def _stack_columns(self, anchor):
+        """The top and output height of every item, column by column, then all moved down below the title."""
         self.top, self.y = {}, {}
         for c, items in enumerate(self.columns):
-            if c == 0:
-                want = {item: k * (36 + ROW_GAP) + 18 for k, item in enumerate(items)}
-            else:
-                want = {item: sum(self.y[p] for p in self.feeds(item)) / len(self.feeds(item)) for item in items}
-                items.sort(key=lambda item: (want[item], item[0] == "via", item[1]))
-            # Stack the column in that order, each item as near as it can be to the height its inputs come from.
-            tops, floor = [], -math.inf
-            for item in items:
-                tops.append(max(want[item] - anchor[self.kind(item)], floor))
-                floor = tops[-1] + self.size[self.kind(item)][1] + (12 if item[0] == "via" else ROW_GAP)
-            shift = sum(t + anchor[self.kind(i)] - want[i] for t, i in zip(tops, items)) / len(items)
-            for t, item in zip(tops, items):
-                self.top[item], self.y[item] = t - shift, t - shift + anchor[self.kind(item)]
+            self._stack_column(c, items, anchor)
         lift = MARGIN + 40 - min(self.top.values())
         self.top = {item: t + lift for item, t in self.top.items()}
         self.y = {item: t + lift for item, t in self.y.items()}
+
+    def _stack_column(self, c, items, anchor):
+        """The top and output height of column c's items, which it sorts by the height their inputs come from."""
+        if c == 0:
+            want = {item: k * (36 + ROW_GAP) + 18 for k, item in enumerate(items)}
+        else:
+            want = {item: sum(self.y[p] for p in self.feeds(item)) / len(self.feeds(item)) for item in items}
+            items.sort(key=lambda item: (want[item], item[0] == "via", item[1]))
+        # Stack the column in that order, each item as near as it can be to the height its inputs come from.
+        tops, floor = [], -math.inf
+        for item in items:
+            tops.append(max(want[item] - anchor[self.kind(item)], floor))
+            floor = tops[-1] + self.size[self.kind(item)][1] + (12 if item[0] == "via" else ROW_GAP)
+        shift = sum(t + anchor[self.kind(i)] - want[i] for t, i in zip(tops, items)) / len(items)
+        for t, item in zip(tops, items):
+            self.top[item], self.y[item] = t - shift, t - shift + anchor[self.kind(item)]
+
+    def _place_lefts(self):
+        """The left edge of every column, and the picture's width and height."""
         self.lefts, x = [], MARGIN
         for items in self.columns:
             self.lefts.append(x)
             x += max(self.size[self.kind(i)][0] for i in items) + COLUMN_GAP
         self.width = x - COLUMN_GAP + 110 + MARGIN  # room for the output arrow and its label
         self.height = max(t + self.size[self.kind(i)][1] for i, t in self.top.items()) + MARGIN + 28
+
+    def _place_ports(self):
+        """Which op box of a block takes which input, and the height of every arrow into a block or the concat."""
+        out = self.out
         self.halves, self.ports = {}, {}  # block -> [(source, op)] top to bottom; (source, node) -> arrow heights
         for node in range(2, out):
-            c, (in1, op1, in2, op2) = self.depth[node], cell[node - 2]
+            c, (in1, op1, in2, op2) = self.depth[node], self.cell[node - 2]
             # The upper op box takes the input that arrives higher up, so the block's two edges do not cross.
             pair = sorted([(self.y[self.feed(in1, c)], 0, in1, op1), (self.y[self.feed(in2, c)], 1, in2, op2)])
             self.halves[node] = [(s, op) for _, _, s, op in pair]
@@ -345,7 +387,7 @@ class CellLayout:
                 self.ports.setdefault((s, node), []).append(arrow_y)
         blocks = sorted(range(2, out), key=lambda s: self.y[self.feed(s, self.depth[out])])
         for k, s in enumerate(blocks):
-            self.ports[(s, out)] = [self.top[("node", out)] + (k + 0.5) * self.size["out"][1] / n]
+            self.ports[(s, out)] = [self.top[("node", out)] + (k + 0.5) * self.size["out"][1] / len(self.cell)]
 
     def kind(self, item):
         """'input', 'block', 'out' or 'via'."""
@@ -392,7 +434,17 @@ def draw_cell(cell, path, title=None):
     draw = ImageDraw.Draw(image)
     draw.text((MARGIN, MARGIN - 6), title, font=font(TITLE_SIZE), fill=INK)
     draw.text((MARGIN, g.height - MARGIN - 14), CELL_NOTE, font=font(SMALL_SIZE), fill=MUTED)
+    # Edges first: the boxes are drawn over their ends.
+    draw_edges(draw, g)
+    draw_inputs(draw, g)
+    for node in range(2, g.out):
+        draw_block(draw, g, node)
+    draw_concat(draw, g)
+    image.save(path)
 
+
+def draw_edges(draw, g):
+    """Every edge of layout `g`: out of its source, through a via in each column it crosses, to an arrowhead."""
     for (s, node), arrow_ys in g.ports.items():
         color, c, y = PALETTE[s % len(PALETTE)], g.depth[s], g.y[("node", s)]
         draw.line([(g.lefts[c] + g.size[g.kind(("node", s))][0], y), (g.right(c), y)], fill=color, width=2)
@@ -405,24 +457,34 @@ def draw_cell(cell, path, title=None):
             curve(draw, (g.right(g.depth[node] - 1), y), (end - 9, arrow_y), color)
             arrow(draw, (end, arrow_y), color)
 
+
+def draw_inputs(draw, g):
+    """The cell's two input boxes, greyed out where no block uses them."""
     for node in (0, 1):
         used = any(s == node for s, _ in g.ports)
         box = [g.lefts[0], g.top[("node", node)], g.lefts[0] + g.size["input"][0], g.top[("node", node)] + 36]
         draw.rounded_rectangle(box, 6, fill=(242, 242, 242), outline=INK if used else MUTED)
         draw.text(((box[0] + box[2]) / 2, box[1] + 18), f"{node}: cell k-{2 - node}", font=font(TEXT_SIZE),
                   fill=INK if used else MUTED, anchor="mm")
-    for node in range(2, g.out):
-        x, top = g.lefts[g.depth[node]], g.top[("node", node)]
-        draw.text((x, top), f"{node}: block {node - 2}", font=font(SMALL_SIZE), fill=PALETTE[node % len(PALETTE)])
-        plus_x, plus_y = x + g.box_w + 36 + PLUS_R, g.y[("node", node)]
-        for k, (_, op) in enumerate(g.halves[node]):
-            box_top = top + CAPTION_H + k * (BOX_H + BOX_GAP)
-            draw.line([(x + g.box_w, box_top + BOX_H / 2), (plus_x, plus_y)], fill=INK, width=2)
-            draw.rounded_rectangle([x, box_top, x + g.box_w, box_top + BOX_H], 5, fill=OP_FILL.get(op, GRID),
-                                   outline=INK)
-            draw.text((x + g.box_w / 2, box_top + BOX_H / 2), op, font=font(TEXT_SIZE), fill=INK, anchor="mm")
-        draw.circle((plus_x, plus_y), PLUS_R, fill=WHITE, outline=INK, width=2)
-        draw.text((plus_x, plus_y - 1), "+", font=font(TITLE_SIZE), fill=INK, anchor="mm")
+
+
+def draw_block(draw, g, node):
+    """Block node - 2: its caption, its two op boxes and the '+' that adds them."""
+    x, top = g.lefts[g.depth[node]], g.top[("node", node)]
+    draw.text((x, top), f"{node}: block {node - 2}", font=font(SMALL_SIZE), fill=PALETTE[node % len(PALETTE)])
+    plus_x, plus_y = x + g.box_w + 36 + PLUS_R, g.y[("node", node)]
+    for k, (_, op) in enumerate(g.halves[node]):
+        box_top = top + CAPTION_H + k * (BOX_H + BOX_GAP)
+        draw.line([(x + g.box_w, box_top + BOX_H / 2), (plus_x, plus_y)], fill=INK, width=2)
+        draw.rounded_rectangle([x, box_top, x + g.box_w, box_top + BOX_H], 5, fill=OP_FILL.get(op, GRID),
+                               outline=INK)
+        draw.text((x + g.box_w / 2, box_top + BOX_H / 2), op, font=font(TEXT_SIZE), fill=INK, anchor="mm")
+    draw.circle((plus_x, plus_y), PLUS_R, fill=WHITE, outline=INK, width=2)
+    draw.text((plus_x, plus_y - 1), "+", font=font(TITLE_SIZE), fill=INK, anchor="mm")
+
+
+def draw_concat(draw, g):
+    """The concat box in the last column and the arrow out of it to the cell's output."""
     x, top = g.lefts[-1], g.top[("node", g.out)]
     box = [x, top, x + g.size["out"][0], top + g.size["out"][1]]
     draw.rounded_rectangle(box, 6, fill=(242, 242, 242), outline=INK)
@@ -431,7 +493,6 @@ def draw_cell(cell, path, title=None):
     draw.line([(box[2], mid), (box[2] + 40, mid)], fill=INK, width=2)
     arrow(draw, (box[2] + 44, mid), INK)
     draw.text((box[2] + 52, mid), "cell k", font=font(TEXT_SIZE), fill=INK, anchor="lm")
-    image.save(path)
 
 
 # ---------------------------------------------------------------------------- the report
@@ -442,26 +503,43 @@ def write_report(out, records, config):
     levels = sorted({r["level"] for r in records})
     chance = 1 / config["ways"]
     draw_search(records, os.path.join(out, "report.png"), chance)
-    lines = ["# Search report", "",
-             f"Levels finished: {levels[-1] if levels else 0} of {config['blocks']}  ·  {len(records)} cells scored "
-             f"({len(records) - len(ok)} diverged or failed)  ·  {config['ways']}-way {config['shots']}-shot on "
-             f"{config['data']} ({config['image_size']}x{config['image_size']}), chance {percent(chance, 0)}  ·  "
-             f"{config['meta_iters']} meta-iterations per cell, validation on {config['eval_episodes']} episodes", "",
-             "![accuracy by level and predicted vs measured accuracy](report.png)", ""]
+    lines = report_header(records, ok, levels, config, chance)
     if ok:
         best = ok[0]
         draw_cell(best["cell"], os.path.join(out, "best_cell.png"),
                   f"best cell: {percent(best['accuracy'])} ± {percent(best['ci95'])} (level {best['level']}, "
                   f"{best['params']:,} parameters)")
-        lines += ["## Best cells", "", "| rank | blocks | validation accuracy ± 95% CI | parameters | cell |",
-                  "|---:|---:|---|---:|---|"]
-        lines += [f"| {k} | {r['blocks']} | {percent(r['accuracy'])} ± {percent(r['ci95'])} | {r['params']:,} | "
-                  f"`{json.dumps(r['cell'])}` |" for k, r in enumerate(ok[:5], 1)]
-        lines += ["", "![the best cell](best_cell.png)", ""]
-    lines += ["## Levels", "", "At level 1 the scored cells are 1-block cells; at every later level they are the beam "
-              "the predictor chose among the children of the previous level.", "",
-              "| level | cells scored | ok | best | mean | Spearman ρ, predicted vs measured | training time |",
-              "|---:|---:|---:|---|---|---|---:|"]
+        lines += best_cells_table(ok)
+    lines += levels_table(records, levels) + report_footer(records, ok, config)
+    with open(os.path.join(out, "report.md"), "w") as f:
+        f.write("\n".join(lines))
+
+
+def report_header(records, ok, levels, config, chance):
+    """report.md's title, the one-line summary of the search and its setup, and the search picture."""
+    return ["# Search report", "",
+            f"Levels finished: {levels[-1] if levels else 0} of {config['blocks']}  ·  {len(records)} cells scored "
+            f"({len(records) - len(ok)} diverged or failed)  ·  {config['ways']}-way {config['shots']}-shot on "
+            f"{config['data']} ({config['image_size']}x{config['image_size']}), chance {percent(chance, 0)}  ·  "
+            f"{config['meta_iters']} meta-iterations per cell, validation on {config['eval_episodes']} episodes", "",
+            "![accuracy by level and predicted vs measured accuracy](report.png)", ""]
+
+
+def best_cells_table(ok):
+    """The five best cells as a markdown table (`ok` sorted best first), and the best cell's picture."""
+    lines = ["## Best cells", "", "| rank | blocks | validation accuracy ± 95% CI | parameters | cell |",
+             "|---:|---:|---|---:|---|"]
+    lines += [f"| {k} | {r['blocks']} | {percent(r['accuracy'])} ± {percent(r['ci95'])} | {r['params']:,} | "
+              f"`{json.dumps(r['cell'])}` |" for k, r in enumerate(ok[:5], 1)]
+    return lines + ["", "![the best cell](best_cell.png)", ""]
+
+
+def levels_table(records, levels):
+    """One markdown table row per level: cells scored, ok, best and mean accuracy, Spearman rho, training time."""
+    lines = ["## Levels", "", "At level 1 the scored cells are 1-block cells; at every later level they are the beam "
+             "the predictor chose among the children of the previous level.", "",
+             "| level | cells scored | ok | best | mean | Spearman ρ, predicted vs measured | training time |",
+             "|---:|---:|---:|---|---|---|---:|"]
     for b in levels:
         level = [r for r in records if r["level"] == b]
         good = [r for r in level if r["status"] == "ok"]
@@ -471,11 +549,14 @@ def write_report(out, records, config):
         mean_text = percent(sum(r["accuracy"] for r in good) / len(good)) if good else "–"
         lines.append(f"| {b} | {len(level)} | {len(good)} | {best_text} | {mean_text} | {rho_text} | "
                      f"{duration(sum(r['seconds'] for r in level))} |")
+    return lines
+
+
+def report_footer(records, ok, config):
+    """Spearman rho over every predicted cell, the total training time, and the config as JSON."""
     predicted = [r for r in ok if r.get("predicted") is not None]
     rho = spearman([r["predicted"] for r in predicted], [r["accuracy"] for r in predicted])
-    lines += ["", f"Spearman ρ over every predicted cell: {'n/a' if rho is None else f'{rho:+.3f}'} "
-              f"({len(predicted)} cells). Training time is the sum of the cells' meta-training and evaluation "
-              f"seconds: {duration(sum(r['seconds'] for r in records))} in all.", "",
-              "## Config", "", "```json", json.dumps(config, indent=2), "```", ""]
-    with open(os.path.join(out, "report.md"), "w") as f:
-        f.write("\n".join(lines))
+    return ["", f"Spearman ρ over every predicted cell: {'n/a' if rho is None else f'{rho:+.3f}'} "
+            f"({len(predicted)} cells). Training time is the sum of the cells' meta-training and evaluation "
+            f"seconds: {duration(sum(r['seconds'] for r in records))} in all.", "",
+            "## Config", "", "```json", json.dumps(config, indent=2), "```", ""]

@@ -18,11 +18,15 @@ from torch.func import functional_call
 
 import autometa
 import cells
+import config
 import data
 from data import DataError, EpisodeSampler, Split, check_split, describe, fixed_episodes, load_splits
 import maml
 import pnas
 import report
+import scoring
+from files import write_json
+from team import Team
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -149,19 +153,19 @@ def test_every_op_builds_and_runs_in_normal_and_reduction_positions(op, size):
 
 def test_search_space_counts_and_canonical_dedup():
     ops = list(cells.OPS)
-    level1 = cells.expand((), ops)
-    assert len(level1) == 105 == len({cells.canonical(c) for c in level1})
-    assert all(cells.canonical(c) == c for c in level1)
-    assert len(cells.expand(level1[0], ops)) == 21 * 22 // 2  # 3 inputs x 7 ops, unordered pairs
+    level1 = pnas.expand((), ops)
+    assert len(level1) == 105 == len({pnas.canonical(c) for c in level1})
+    assert all(pnas.canonical(c) == c for c in level1)
+    assert len(pnas.expand(level1[0], ops)) == 21 * 22 // 2  # 3 inputs x 7 ops, unordered pairs
     a, b = ((1, "conv_3x3", 0, "identity"),), ((0, "identity", 1, "conv_3x3"),)
-    assert cells.canonical(a) == cells.canonical(b) and cells.cell_key(a) == cells.cell_key(b)
-    assert torch.equal(cells.encode(a, 5, ops), cells.encode(b, 5, ops))
-    assert cells.encode(a, 5, ops).shape == (2 * (6 + 7),)
+    assert pnas.canonical(a) == pnas.canonical(b) and pnas.cell_key(a) == pnas.cell_key(b)
+    assert torch.equal(pnas.encode(a, 5, ops), pnas.encode(b, 5, ops))
+    assert pnas.encode(a, 5, ops).shape == (2 * (6 + 7),)
 
 
 def test_cell_json_round_trip_and_validation(tmp_path):
     path = tmp_path / "cell.json"
-    path.write_text(json.dumps(cells.cell_to_json(cells.AUTOMETA_CELL)))
+    path.write_text(cells.arch_name(cells.AUTOMETA_CELL))
     assert cells.load_arch(str(path)) == cells.AUTOMETA_CELL
     (tmp_path / "best.json").write_text(json.dumps({"cell": [[1, "conv_3x3", 0, "identity"]], "accuracy": 0.5}))
     assert cells.load_arch(str(tmp_path / "best.json")) == ((1, "conv_3x3", 0, "identity"),)
@@ -203,18 +207,25 @@ def fake_accuracy(cell):
 
 def test_predictor_ranks_unseen_cells():
     ops = list(cells.OPS)
-    level1 = cells.expand((), ops)
-    level2 = [c for p in level1[::10] for c in cells.expand(p, ops)][::7]
+    level1 = pnas.expand((), ops)
+    level2 = [c for p in level1[::10] for c in pnas.expand(p, ops)][::7]
     seen, unseen = level1 + level2[::4], [c for i, c in enumerate(level2) if i % 4]
     predictor = pnas.Predictor(2, ops, seed=0).fit(seen, [fake_accuracy(c) for c in seen])
     rho = pnas.spearman(predictor.predict(unseen), [fake_accuracy(c) for c in unseen])
     assert rho > 0.8
 
 
-def run_fake_search(out, score=None, **kw):
-    args = dict(blocks=3, beam=3, ops=list(cells.OPS), max_first=10, seed=0, log=lambda s: None)
-    args.update(kw)
-    return pnas.search(score or (lambda c: {"accuracy": fake_accuracy(c), "ci95": 0.01, "params": 1}), str(out), **args)
+def run_fake_search(out, score=None, blocks=3, beam=3, max_first=10, predictor=None, job=None):
+    """pnas.search with a fake score (fake_accuracy), as autometa.py runs it; `job`: a torchrun Team."""
+    os.makedirs(out, exist_ok=True)
+    ops = list(cells.OPS)
+    first = pnas.first_level(ops, max_first, seed=0)
+    log = pnas.SearchLog(os.path.join(out, "search.jsonl"), blocks, len(first) + beam * (blocks - 1),
+                         score_cells=pnas.score_each if job is None else job.score_all, say=lambda s: None)
+    best = pnas.search(score or (lambda c: {"accuracy": fake_accuracy(c), "ci95": 0.01, "params": 1}), log,
+                       blocks, beam, ops, first, predictor or pnas.Predictor(blocks, ops, seed=0))
+    write_json(os.path.join(out, "best.json"), {k: best[k] for k in ("cell", "accuracy", "ci95")})
+    return best
 
 
 def read_lines(path):
@@ -228,8 +239,7 @@ def test_search_logs_every_candidate_finds_a_good_cell_and_resumes_without_resco
     assert {"cell", "blocks", "accuracy", "ci95", "params", "seconds", "predicted", "status"} <= set(log[0])
     assert best["accuracy"] == max(r["accuracy"] for r in log)
     assert max(r["accuracy"] for r in log if r["level"] == 3) > max(r["accuracy"] for r in log if r["level"] == 1)
-    saved = json.loads((tmp_path / "best.json").read_text())
-    assert saved["cell"] == best["cell"] and cells.parse_cell(saved["cell"])
+    assert cells.parse_cell(best["cell"])
 
     def must_not_score(cell):
         raise AssertionError("a logged cell was scored again")
@@ -249,8 +259,8 @@ def test_search_drops_a_partial_last_line_and_finishes_the_same(tmp_path):
 
 def test_diverged_and_failed_candidates_are_logged_and_the_search_goes_on(tmp_path):
     def score(cell):
-        if cell[-1][1] == "max_pool_3x3":
-            raise maml.Diverged("meta-loss became nan")
+        if cell[-1][1] == "max_pool_3x3":  # scoring.make_scorer reports a maml.Diverged so
+            return {"accuracy": None, "ci95": None, "status": "diverged", "error": "meta-loss became nan"}
         if cell[-1][1] == "avg_pool_3x3":
             raise MemoryError("CUDA out of memory. Tried to allocate\nmore lines")
         return {"accuracy": fake_accuracy(cell), "ci95": 0.0, "params": 1}
@@ -571,10 +581,10 @@ def test_tiny_search_end_to_end_writes_a_valid_log_and_resumes_without_retrainin
 
 
 def test_candidate_scores_do_not_depend_on_search_order():
-    cfg = autometa.Config(ways=3, shots=1, queries=2, channels=4, meta_iters=2, eval_episodes=3, meta_batch=1,
+    cfg = config.Config(ways=3, shots=1, queries=2, channels=4, meta_iters=2, eval_episodes=3, meta_batch=1,
                           image_size=28)
     splits = data.synthetic_splits(28, 0)
-    score = autometa.make_scorer(cfg, splits, torch.device("cpu"))
+    score = scoring.make_scorer(cfg, splits, torch.device("cpu"))
     a, b = ((1, "conv_3x3", 0, "identity"),), ((0, "max_pool_3x3", 1, "avg_pool_3x3"),)
     first = score(a)
     score(b)
@@ -876,7 +886,7 @@ def test_draw_command_draws_builtins_inline_json_and_files_and_rejects_bad_cells
 
 def test_search_writes_its_report_after_every_level(tmp_path, monkeypatch):
     # Only the wiring is tested here: cells are scored by fake_accuracy, not trained (the end-to-end test trains).
-    monkeypatch.setattr(autometa, "load_data", lambda cfg, splits_needed: None)
+    monkeypatch.setattr(data, "splits_for", lambda cfg, needed: None)
     monkeypatch.setattr(autometa, "make_scorer", lambda cfg, splits, device: lambda cell: dict(
         accuracy=fake_accuracy(cell), ci95=0.01, params=100 * len(cell)))
     out, levels, write = str(tmp_path / "run"), [], report.write_report
@@ -916,7 +926,7 @@ def cheap_predictor():
 def fake_rank(out, seconds=0.02, slow=1, crash_after=0, stall_after=0, minutes=1.0):
     """One process of a fake search under torchrun. Its score names the rank that computed it (`params`);
     rank 1 is `slow` times slower, and dies or hangs on its `crash_after`-th or `stall_after`-th cell."""
-    team = pnas.Team.join(minutes)
+    team = Team.join(minutes)
     scored = 0
 
     def score(cell):
@@ -931,7 +941,8 @@ def fake_rank(out, seconds=0.02, slow=1, crash_after=0, stall_after=0, minutes=1
 
     try:
         if team.rank == 0:
-            run_fake_search(out, score=score, team=team, predictor=cheap_predictor())
+            run_fake_search(out, score=score, job=team, predictor=cheap_predictor())
+            team.dismiss()
         else:
             team.serve(score)
     finally:
@@ -995,9 +1006,9 @@ def test_tiny_search_under_torchrun_matches_one_process(tmp_path):
     assert "shared among 2 processes" in shared.stdout and shared.stdout.count("[level") == 5
 
 
-# ---- fast MAML
+# ---------------------------------------------------------------------------- fastcpu.py
 
-import bench  # noqa: E402  (here, so that this section stays self-contained)
+import fastcpu  # noqa: E402  (here, so that this section stays self-contained)
 
 class ViewNet(nn.Module):
     """A conv net that flattens with .view(), which a channels-last activation cannot do."""
@@ -1031,10 +1042,30 @@ def image_tasks(size, ways=3, tasks=2, queries=2, dtype=torch.float32, seed=0):
             torch.arange(ways).repeat_interleave(queries).expand(tasks, -1))
 
 
+def reference_meta_loss(model, params, tasks, steps, lr, first_order=False):
+    """MAML as learn2learn and higher run it: one task at a time, autograd.grad(create_graph=True)."""
+    xs, ys, xq, yq = tasks
+    losses = []
+    for t in range(xs.shape[0]):
+        fast = params
+        for _ in range(steps):
+            loss = F.cross_entropy(functional_call(model, fast, (xs[t],)), ys[t])
+            grads = torch.autograd.grad(loss, list(fast.values()), create_graph=not first_order)
+            fast = {name: p - lr * g for (name, p), g in zip(fast.items(), grads)}
+        losses.append(F.cross_entropy(functional_call(model, fast, (xq[t],)), yq[t]))
+    return torch.stack(losses).mean(), None
+
+
+def fast_meta_loss(model, params, tasks, steps, lr, first_order=False):
+    """maml.meta_loss with fastcpu's speed-ups switched on."""
+    with fastcpu.speedups(model, first_order) as layout:
+        return maml.meta_loss(model, params, layout(tasks), steps, lr, first_order)
+
+
 def fast_and_reference(model, tasks, first_order, steps=2, lr=0.1):
-    """(loss, meta-gradient) of maml.meta_loss and of bench's plain per-task loop at the same weights."""
+    """(loss, meta-gradient) of maml.meta_loss with fastcpu and of the reference per-task loop at the same weights."""
     out = []
-    for loss_fn in (maml.meta_loss, bench.reference_meta_loss):
+    for loss_fn in (fast_meta_loss, reference_meta_loss):
         params = dict(model.named_parameters())
         loss, _ = loss_fn(model, params, tasks, steps, lr, first_order)
         out.append((loss, torch.autograd.grad(loss, list(params.values()))))
@@ -1054,7 +1085,8 @@ def test_fast_meta_loss_equals_the_per_task_loop(arch, first_order):
     torch.manual_seed(0)
     model = cells.build_network(arch, 3, 16, channels=16, reductions=1, stem_stride=1).double()
     tasks = image_tasks(16, dtype=torch.float64)
-    assert not maml.fast_layout(model, dict(model.named_parameters()), tasks[2][0]).is_contiguous()  # fast path taken
+    with fastcpu.speedups(model, first_order) as layout:
+        assert not layout(tasks)[2][0].is_contiguous()  # fast path taken
     assert_same(model, tasks, first_order, atol=1e-10)
 
 
@@ -1075,7 +1107,8 @@ def test_models_the_fast_layout_does_not_suit_run_as_written():
     tasks = image_tasks(16)
     small_1x1 = cells.build_network(cells.AUTOMETA_CELL, 3, 16, channels=4, reductions=1)  # oneDNN bug guard
     for model in (ViewNet(), small_1x1):
-        assert maml.fast_layout(model, dict(model.named_parameters()), tasks[2][0]).is_contiguous()
+        with fastcpu.speedups(model, first_order=False) as layout:
+            assert layout(tasks)[2][0].is_contiguous()
         assert_same(model, tasks, first_order=False, atol=1e-5)  # float32 rounding of BatchNorm's double backward
 
 
@@ -1085,7 +1118,7 @@ def test_layout_check_leaves_running_statistics_and_the_random_stream_as_the_pla
     ref.load_state_dict(ours.state_dict())
     tasks = image_tasks(8)
     results = []
-    for model, loss_fn in ((ours, maml.meta_loss), (ref, bench.reference_meta_loss)):
+    for model, loss_fn in ((ours, fast_meta_loss), (ref, reference_meta_loss)):
         torch.manual_seed(1)
         results.append(loss_fn(model, dict(model.named_parameters()), tasks, 2, 0.1)[0].item())
     assert results[0] == pytest.approx(results[1], abs=1e-6)
@@ -1108,7 +1141,7 @@ def double_backward(op, inputs, upstream, mode):
 
 def assert_same_double_backward(op, inputs, upstream):
     """PyTorch's forward and first gradients bit for bit, and its second gradients to 1e-12 (float64)."""
-    out, first, second = double_backward(op, inputs, upstream, maml.SecondOrderKernels)
+    out, first, second = double_backward(op, inputs, upstream, fastcpu.SecondOrderKernels)
     ref_out, ref_first, ref_second = double_backward(op, inputs, upstream, None)
     assert torch.equal(out, ref_out)  # PyTorch's own kernels: the same bits
     assert all(torch.equal(a, b) for a, b in zip(first, ref_first))
@@ -1134,7 +1167,7 @@ def test_batchnorm_double_backward_passes_gradcheck():
     weight = torch.rand(2, dtype=torch.float64, requires_grad=True)
 
     def gradients(x, weight, upstream):
-        with maml.SecondOrderKernels():
+        with fastcpu.SecondOrderKernels():
             out = F.batch_norm(x, None, None, weight, None, training=True)
         return torch.autograd.grad(out, (x, weight), upstream, create_graph=True)
 
@@ -1144,7 +1177,7 @@ def test_batchnorm_double_backward_passes_gradcheck():
 def test_batchnorm_mode_leaves_other_uses_of_batchnorm_to_pytorch():
     x = torch.randn(4, 3, 5, 5, requires_grad=True)
     bn = nn.BatchNorm2d(3)
-    with maml.SecondOrderKernels():
+    with fastcpu.SecondOrderKernels():
         trained = bn(x)
         bn.eval()
         evaluated = bn(x)
@@ -1183,7 +1216,7 @@ def test_convolution_double_backward_passes_gradcheck():
                                  for shape in ((2, 2, 5, 5), (3, 2, 3, 3), (3,), (2, 3, 3, 3)))
 
     def gradients(x, weight, bias, upstream):
-        with maml.SecondOrderKernels():
+        with fastcpu.SecondOrderKernels():
             out = F.conv2d(x, weight, bias, stride=2, padding=1)
         return torch.autograd.grad(out, (x, weight, bias), upstream, create_graph=True)
 
@@ -1192,7 +1225,7 @@ def test_convolution_double_backward_passes_gradcheck():
 
 def test_convolution_mode_leaves_string_padding_and_unbatched_input_to_pytorch():
     weight = torch.randn(2, 3, 3, 3, requires_grad=True)
-    with maml.SecondOrderKernels():
+    with fastcpu.SecondOrderKernels():
         ours = F.conv2d(torch.randn(1, 3, 5, 5), weight, padding=1)
         same = F.conv2d(torch.randn(1, 3, 5, 5), weight, padding="same")
         unbatched = F.conv2d(torch.randn(3, 5, 5), weight)
@@ -1227,9 +1260,9 @@ def test_bench_of_one_workload_times_only_that_one():
 
 
 PAGE_FAULTS = """
-import resource, sys, torch, torch.nn as nn, maml
+import resource, sys, torch, torch.nn as nn, fastcpu
 if sys.argv[1] == "reuse":
-    assert maml.reuse_freed_memory()
+    assert fastcpu.reuse_freed_memory()
 net = nn.Sequential(nn.Conv2d(3, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(), nn.MaxPool2d(2))
 x = torch.randn(64, 3, 84, 84)  # activations of 55 MiB, which glibc always serves with a fresh mmap
 faults = []

@@ -1,0 +1,141 @@
+"""Meta-training one architecture for real (--train) with validation and checkpoints, and testing a
+checkpoint on fixed test episodes (--eval)."""
+import json
+import os
+import time
+
+import torch
+
+import cells
+import data
+import fastcpu
+import maml
+import report
+from config import ConfigError, config_dict
+from files import atomic_write
+from scoring import build_model
+
+
+def save_checkpoint(path, state):
+    """torch.save atomically, so a kill never leaves half a checkpoint."""
+    atomic_write(path, lambda f: torch.save(state, f))
+
+
+def load_checkpoint(path):
+    """A checkpoint written by --train; a missing or unreadable file is a ConfigError."""
+    if not os.path.isfile(path):
+        raise ConfigError(f"checkpoint {path} does not exist: pass a best.pt or last.pt written by --train")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch.load raises many types for a damaged file
+        raise ConfigError(f"checkpoint {path} cannot be read ({type(e).__name__}): it is damaged or not a "
+                          "torch file; use another checkpoint or retrain with --train") from e
+    missing = {"model", "config", "arch", "iteration"} - set(state) if isinstance(state, dict) else {"model"}
+    if missing:
+        raise ConfigError(f"{path} is not an autometa checkpoint (no {', '.join(sorted(missing))}): "
+                          "pass a best.pt or last.pt written by --train")
+    return state
+
+
+class Trainer:
+    """Meta-trains one architecture with maml.meta_train, validating, logging and checkpointing."""
+
+    def __init__(self, cfg, arch, splits, device):
+        self.cfg, self.arch = cfg, arch
+        torch.manual_seed(cfg.seed)
+        self.model = build_model(cfg, arch).to(device)
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=cfg.meta_lr)
+        self.sampler = data.EpisodeSampler(splits["train"], cfg.ways, cfg.shots, cfg.queries, cfg.seed)
+        self.val = data.fixed_episodes(splits["val"], cfg.ways, cfg.shots, cfg.queries, cfg.val_episodes,
+                                       seed=cfg.seed + 1, batch=cfg.meta_batch)
+        self.iteration, self.history, self.best = 0, [], None
+        self.log_path = os.path.join(cfg.out, "train.jsonl")
+
+    def state(self):
+        """Everything needed to resume training or to evaluate without the original flags."""
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "iteration": self.iteration, "config": config_dict(self.cfg), "arch": cells.arch_name(self.arch),
+                "history": self.history, "best": self.best, "sampler_rng": self.sampler.rng.bit_generator.state,
+                "torch_rng": torch.get_rng_state()}
+
+    def restore(self, state):
+        """Continue from a last.pt; train.jsonl rows written after it are dropped."""
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.iteration, self.history, self.best = state["iteration"], state["history"], state["best"]
+        self.sampler.rng.bit_generator.state = state["sampler_rng"]
+        torch.set_rng_state(state["torch_rng"])
+        rows = [r for r in self.rows() if r["iteration"] <= self.iteration]
+        atomic_write(self.log_path, lambda f: f.write("".join(json.dumps(r) + "\n" for r in rows).encode()))
+
+    def rows(self):
+        """The complete rows of train.jsonl."""
+        if not os.path.exists(self.log_path):
+            return []
+        with open(self.log_path) as f:
+            return [json.loads(line) for line in f if line.endswith("\n")]
+
+    def validate(self):
+        """Validation accuracy now; checkpoints last.pt, and best.pt when it is the best so far."""
+        accuracy, _ = maml.evaluate(self.model, dict(self.model.named_parameters()), map(self.layout, self.val),
+                                    self.cfg.test_steps, self.cfg.inner_lr)
+        self.history.append({"iteration": self.iteration, "val_accuracy": accuracy})
+        if self.best is None or accuracy > self.best["val_accuracy"]:
+            self.best = dict(self.history[-1])
+            save_checkpoint(os.path.join(self.cfg.out, "best.pt"), self.state())
+        save_checkpoint(os.path.join(self.cfg.out, "last.pt"), self.state())
+        return accuracy
+
+    def on_step(self, i, loss, accuracy):
+        """After meta-iteration i: log, and every val_every iterations validate and checkpoint."""
+        cfg, self.iteration = self.cfg, i + 1
+        row = {"iteration": self.iteration, "loss": round(loss, 5), "train_accuracy": round(accuracy, 5),
+               "val_accuracy": None, "seconds": round(time.time() - self.start, 2)}
+        if self.iteration % cfg.val_every == 0 or self.iteration == cfg.train_iters:
+            row["val_accuracy"] = self.validate()
+        if row["val_accuracy"] is None and self.iteration % cfg.log_every:
+            return
+        with open(self.log_path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        if row["val_accuracy"] is not None:
+            report.draw_training(self.rows(), os.path.join(cfg.out, "train.png"), chance=1 / cfg.ways)
+        rate = (self.iteration - self.first) / max(row["seconds"], 1e-9)
+        val = "" if row["val_accuracy"] is None else f"  val {100 * row['val_accuracy']:5.2f}%"
+        print(f"iter {self.iteration}/{cfg.train_iters}  loss {loss:.4f}  train {100 * accuracy:5.2f}%{val}  "
+              f"{rate:.2f} it/s  ETA {(cfg.train_iters - self.iteration) / rate / 60:.1f} min", flush=True)
+
+    def run(self):
+        """Meta-train from the current iteration to cfg.train_iters."""
+        cfg = self.cfg
+        self.start, self.first = time.time(), self.iteration
+        with fastcpu.speedups(self.model, cfg.first_order) as self.layout:
+            maml.meta_train(self.model, self.optimizer, lambda: self.layout(self.sampler.sample(cfg.meta_batch)),
+                            cfg.train_iters, cfg.inner_steps, cfg.inner_lr, cfg.first_order,
+                            start=self.iteration, callback=self.on_step)
+
+
+def train(cfg, arch, splits, device):
+    """Meta-train `arch` into cfg.out, resuming from cfg.out/last.pt when it exists; returns the Trainer."""
+    trainer = Trainer(cfg, arch, splits, device)
+    last = os.path.join(cfg.out, "last.pt")
+    if os.path.exists(last):
+        state = load_checkpoint(last)
+        if state["arch"] != cells.arch_name(arch):
+            raise ConfigError(f"{cfg.out} holds training of another architecture: pass a new --out to start fresh")
+        trainer.restore(state)
+        print(f"resuming from {last} at iteration {trainer.iteration}")
+    print(f"train: {cells.arch_name(arch)}, {cells.count_parameters(trainer.model)} parameters, {cfg.ways}-way "
+          f"{cfg.shots}-shot on {cfg.data}, {cfg.train_iters} meta-iterations, device {device}")
+    trainer.run()
+    return trainer
+
+
+def checkpoint_accuracy(cfg, state, splits, device):
+    """(accuracy, ci95) of a checkpoint's weights on cfg.eval_episodes seeded test episodes."""
+    model = build_model(cfg, cells.load_arch(state["arch"])).to(device)
+    model.load_state_dict(state["model"])
+    episodes = data.fixed_episodes(splits["test"], cfg.ways, cfg.shots, cfg.queries, cfg.eval_episodes,
+                                   seed=cfg.seed + 2, batch=cfg.meta_batch)
+    with fastcpu.speedups(model, first_order=True) as layout:
+        return maml.evaluate(model, dict(model.named_parameters()), map(layout, episodes), cfg.test_steps,
+                             cfg.inner_lr)
