@@ -27,6 +27,11 @@ class Config:
     beam: int = 5                # cells scored per level after the first
     ops: tuple = ALL_OPS         # comma-separated op names the search may use
     max_first: int = 12          # score a seeded sample of this many 1-block cells (0: all 105)
+    sampler: str = "predictor"   # how each level's beam is chosen: 'predictor' (PNAS) or 'random' (the baseline)
+    probe: int = 2               # children drawn at random and scored beside each beam, to test the predictor
+    noise: int = 2               # level-1 cells scored again with another seed, for the seed noise floor
+    rescore: int = 3             # best cells scored again on fresh episodes with new seeds; the best of these wins
+    rescore_seeds: int = 2       # new training seeds of each of those re-scores
     cells: int = 1               # normal cells per stage of the network
     channels: int = 8            # channels of the first stage (doubled at every reduction)
     reductions: int = 2          # reduction cells (each halves the resolution)
@@ -59,7 +64,7 @@ PRESETS = {
     # Finishes in about 5 minutes on 2 CPU cores and finds a cell clearly above chance.
     "tiny": {},
     # The published protocols (MAML and Auto-Meta on Mini-ImageNet); the search sizes are ours.
-    "paper": dict(image_size=84, queries=15, blocks=5, beam=8, max_first=0, channels=16, cells=1,
+    "paper": dict(image_size=84, queries=15, blocks=5, beam=8, max_first=0, probe=4, noise=3, channels=16, cells=1,
                   reductions=3, stem_stride=1, meta_iters=2000, train_iters=60000, meta_batch=0,
                   inner_steps=5, test_steps=10, inner_lr=0.01, meta_lr=1e-3, first_order=False,
                   eval_episodes=600, val_episodes=100, val_every=1000, log_every=100),
@@ -69,7 +74,8 @@ PRESETS = {
 RESUME_FREE = {
     "search": {"device", "out", "cache_dir", "wait_minutes", "train_iters", "val_episodes", "val_every", "log_every"},
     "train": {"device", "out", "cache_dir", "wait_minutes", "train_iters", "eval_episodes", "log_every",
-              "blocks", "beam", "ops", "max_first", "meta_iters"},
+              "blocks", "beam", "ops", "max_first", "meta_iters", "sampler", "probe", "noise", "rescore",
+              "rescore_seeds"},
 }
 
 
@@ -98,10 +104,11 @@ def make_config(flags, preset=None, base=None):
 def check_config(cfg):
     """Raise ConfigError for settings no run can use."""
     for name in ("image_size", "ways", "shots", "queries", "blocks", "beam", "cells", "channels", "stem_stride",
-                 "meta_iters", "train_iters", "meta_batch", "eval_episodes", "val_episodes", "val_every", "log_every"):
+                 "meta_iters", "train_iters", "meta_batch", "eval_episodes", "val_episodes", "val_every", "log_every",
+                 "rescore_seeds"):
         if getattr(cfg, name) <= 0:
             raise ConfigError(f"--{name.replace('_', '-')} is {getattr(cfg, name)}: it must be a positive integer")
-    for name in ("reductions", "inner_steps", "test_steps", "max_first"):
+    for name in ("reductions", "inner_steps", "test_steps", "max_first", "probe", "noise", "rescore"):
         if getattr(cfg, name) < 0:
             raise ConfigError(f"--{name.replace('_', '-')} is {getattr(cfg, name)}: it must be 0 or more")
     for name in ("inner_lr", "meta_lr", "wait_minutes"):
@@ -111,6 +118,8 @@ def check_config(cfg):
     if unknown or not cfg.ops:
         raise ConfigError(f"--ops names unknown op(s) {', '.join(unknown) or '(none given)'}: choose from "
                           f"{', '.join(cells.OPS)}")
+    if cfg.sampler not in ("predictor", "random"):
+        raise ConfigError(f"--sampler is {cfg.sampler!r}: use predictor or random")
     if cfg.ways < 2:
         raise ConfigError(f"--ways is {cfg.ways}: an episode needs at least 2 classes")
     if os.path.exists(cfg.out) and not os.path.isdir(cfg.out):
@@ -142,6 +151,9 @@ def check_resume(cfg, kind="search"):
     if saved.pop("run", kind) != kind:
         raise ConfigError(f"{cfg.out} holds a run of another kind than --{kind}: pass a new --out")
     changed = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
+    if changed and not set(changed) & set(saved):
+        raise ConfigError(f"{cfg.out} was written by an earlier autometa, which had no {', '.join(changed)} "
+                          "setting(s): pass a new --out to search with this version")
     if changed:
         raise ConfigError(f"{cfg.out} holds a {kind} run with different settings ({', '.join(changed)}): "
                           f"rerun with the same flags to resume it, or pass a new --out to start fresh")

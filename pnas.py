@@ -13,7 +13,7 @@ no cell twice. This file needs torch and numpy alone::
     ops = ["conv_3x3", "max_pool_3x3", "identity"]
     log = pnas.SearchLog("search.jsonl", levels=5, total=21 + 4 * 8)
     best = pnas.search(score, log, blocks=5, beam=8, ops=ops, first_cells=pnas.first_level(ops),
-                       predictor=pnas.Predictor(5, ops))
+                       predictor=pnas.Predictor(ops))
 """
 import itertools
 import json
@@ -37,15 +37,49 @@ class SearchError(RuntimeError):
 # ---------------------------------------------------------------------------- the search space
 
 def canonical(cell):
-    """Order the two halves of every block so that symmetric duplicates compare equal."""
-    return tuple(tuple(a + b) if a <= b else tuple(b + a)
-                 for a, b in (((in1, op1), (in2, op2)) for in1, op1, in2, op2 in cell))
+    """The standard way to write a cell: all listings of one network (its blocks in another order,
+    hence its outputs concatenated in another order, or a block's halves swapped) give one tuple.
+
+    Blocks are sorted by (depth, signature). A block's signature is the expression it computes,
+    e.g. ``conv_3x3(1) + max_pool_3x3(identity(0) + identity(1))``, its two halves sorted; its
+    depth is one more than that of the deepest block it reads, so a block comes after the blocks
+    it reads. Blocks of equal depth and signature are still distinct blocks (each has its own
+    weights) that later blocks may read differently, so among the orders of such blocks the one
+    giving the smallest tuple is taken. Halves are ordered (in, op) <= (in, op), as before.
+    """
+    signature, depth = ["0", "1"], [0, 0]  # of the cell's two inputs, then of each block
+    for in1, op1, in2, op2 in cell:
+        signature.append(" + ".join(sorted([f"{op1}({signature[in1]})", f"{op2}({signature[in2]})"])))
+        depth.append(1 + max(depth[in1], depth[in2]))
+
+    def rank(b):
+        return depth[b + 2], signature[b + 2]
+
+    # Signatures alone cannot tell "x(copy A) + y(copy B)" from "x(copy A) + y(copy A)"; trying
+    # every order within each tie (one order unless blocks repeat) and keeping the smallest result
+    # can, and any listing of the same network has the same ties, so it reaches the same minimum.
+    ties = [tuple(group) for _, group in itertools.groupby(sorted(range(len(cell)), key=rank), key=rank)]
+    orders = itertools.product(*(itertools.permutations(group) for group in ties))
+    return min(renumber(cell, tuple(itertools.chain(*order))) for order in orders)
+
+
+def renumber(cell, order):
+    """`cell` with its blocks listed in `order` (old block indices), inputs renumbered to match and
+    each block's halves sorted. `order` must list a block after the blocks it reads."""
+    new = {0: 0, 1: 1, **{old + 2: position + 2 for position, old in enumerate(order)}}
+    blocks = []
+    for b in order:
+        in1, op1, in2, op2 = cell[b]
+        first, second = sorted([(new[in1], op1), (new[in2], op2)])
+        blocks.append(first + second)
+    return tuple(blocks)
 
 
 def expand(cell, ops):
-    """Every canonical child of `cell` with one more block (105 one-block cells for 7 ops)."""
-    choices = sorted((i, op) for i in range(len(cell) + 2) for op in ops)
-    return [tuple(cell) + (a + b,) for a, b in itertools.combinations_with_replacement(choices, 2)]
+    """Every child of `cell` with one more block, each distinct network once, canonical and sorted
+    (105 one-block cells for 7 ops)."""
+    choices = [(i, op) for i in range(len(cell) + 2) for op in ops]
+    return sorted({canonical(tuple(cell) + (a + b,)) for a, b in itertools.combinations_with_replacement(choices, 2)})
 
 
 def first_level(ops, sample=0, seed=0):
@@ -57,7 +91,7 @@ def first_level(ops, sample=0, seed=0):
 
 
 def cell_key(cell):
-    """A stable string naming a cell up to symmetric halves (used for logs and seeds)."""
+    """A stable string naming a network, however its cell is written (used for logs and seeds)."""
     return json.dumps([list(block) for block in canonical(cell)], separators=(",", ":"))
 
 
@@ -68,36 +102,52 @@ def as_cell(blocks):
 
 # ---------------------------------------------------------------------------- the predictor
 
-def encode(cell, max_blocks, ops):
-    """Fixed-length vector for the predictor: the mean over blocks of one-hot [in1, op1, in2, op2].
+def encode(cell, ops):
+    """Predictor features that mean the same for cells of any size: 3 + len(ops) numbers.
 
-    Averaging over blocks (as PNAS's MLP predictor does) lets what was learnt from b-block
-    cells carry over to their (b+1)-block children.
+    [fraction of halves reading a block of this cell (its kind, not its index, which a shallower
+    cell never has); of the halves reading the cell's inputs, the fraction reading the previous
+    cell rather than the one two back; 1 / block count; fraction of halves using each op].
+    Fractions, not counts, so that what was learnt on b-block cells carries over to their
+    (b+1)-block children (as PNAS's averaging over blocks does).
     """
-    n_inputs, ops = max_blocks + 1, list(ops)
-    half = n_inputs + len(ops)
-    vec = torch.zeros(2 * half)
-    for in1, op1, in2, op2 in canonical(cell):
-        for offset, (i, op) in ((0, (in1, op1)), (half, (in2, op2))):
-            vec[offset + i] += 1.0 / len(cell)
-            vec[offset + n_inputs + ops.index(op)] += 1.0 / len(cell)
-    return vec
+    ops = list(ops)
+    halves = [(i, op) for in1, op1, in2, op2 in cell for i, op in ((in1, op1), (in2, op2))]
+    # The previous cell's share is taken among the halves reading a cell input, so a half reading a
+    # block leaves it unchanged: fitted on 1-block cells only, the predictor then values such a half
+    # by its op alone. Over all halves instead, "cell k-2" and "cell k-1" add up to 1 on 1-block
+    # cells, so the fit splits weight between them arbitrarily, and that split would price a block read.
+    from_cells = [i for i, _ in halves if i < 2]  # never empty: block 0 reads only the cell's inputs
+    op_share = torch.zeros(len(ops))
+    for _, op in halves:
+        op_share[ops.index(op)] += 1 / len(halves)
+    kinds = [1 - len(from_cells) / len(halves), sum(from_cells) / len(from_cells), 1 / len(cell)]
+    return torch.cat([torch.tensor(kinds), op_share])
 
 
 class Predictor:
     """An ensemble of small MLPs mapping encode(cell) to accuracy; the prediction is their mean."""
 
-    def __init__(self, max_blocks, ops, members=5, hidden=64, epochs=300, lr=3e-3, seed=0):
-        self.max_blocks, self.ops = max_blocks, list(ops)
+    def __init__(self, ops, members=5, hidden=64, epochs=300, lr=3e-3, seed=0):
+        self.ops = list(ops)
         self.members, self.hidden, self.epochs, self.lr, self.seed = members, hidden, epochs, lr, seed
         self.models = []
 
-    def _features(self, cells):
-        return torch.stack([encode(c, self.max_blocks, self.ops) for c in cells])  # (n, d)
+    def _encode(self, cells):
+        return torch.stack([encode(c, self.ops) for c in cells])  # (n, d)
 
     def fit(self, cells, accuracies):
         """Train each member from its own seed on a bootstrap resample of the data."""
-        x, y = self._features(cells), torch.tensor(accuracies, dtype=torch.float32)
+        x, y = self._encode(cells), torch.tensor(accuracies, dtype=torch.float32)
+        # Standardize the features on the training cells. One that never varied there (reading a
+        # block, when only 1-block cells were measured) teaches nothing, so it is zeroed rather
+        # than left to move predictions through weights that training never touched.
+        std = x.std(0, unbiased=False)
+        self.shift, self.scale = x.mean(0), torch.where(std > 1e-6, 1 / std.clamp(min=1e-6), torch.zeros_like(std))
+        # The members output accuracy in standard units of the training accuracies: those of one
+        # level lie in a narrow band, where a sigmoid output would learn their differences slowly.
+        self.y_mean, self.y_std = y.mean(), y.std(unbiased=False)
+        x = (x - self.shift) * self.scale
         self.models = []
         with torch.random.fork_rng(devices=[]):
             for m in range(self.members):
@@ -106,18 +156,21 @@ class Predictor:
                 model = nn.Sequential(nn.Linear(x.shape[1], self.hidden), nn.ReLU(), nn.Linear(self.hidden, 1))
                 opt = torch.optim.Adam(model.parameters(), lr=self.lr)
                 for _ in range(self.epochs):
-                    loss = ((torch.sigmoid(model(x[rows])).squeeze(1) - y[rows]) ** 2).mean()
+                    loss = ((self._accuracy(model, x[rows]) - y[rows]) ** 2).mean()
                     opt.zero_grad()
                     loss.backward()
                     opt.step()
                 self.models.append(model)
         return self
 
+    def _accuracy(self, model, x):
+        return self.y_mean + self.y_std * model(x).squeeze(1)
+
     @torch.no_grad()
     def predict(self, cells):
         """Predicted accuracy of each cell, as a numpy array."""
-        x = self._features(cells)
-        return torch.stack([torch.sigmoid(m(x)).squeeze(1) for m in self.models]).mean(0).numpy()
+        x = (self._encode(cells) - self.shift) * self.scale
+        return torch.stack([self._accuracy(m, x) for m in self.models]).mean(0).numpy()
 
 
 def spearman(a, b):
@@ -142,20 +195,65 @@ def spearman(a, b):
 
 # ---------------------------------------------------------------------------- the search
 
-def search(score, log, blocks, beam, ops, first_cells, predictor):
-    """PNAS's progressive search; returns the log record of the best cell measured.
+def search(score, log, blocks, beam, ops, first_cells, predictor, probes=0, sampler="predictor", seed=0):
+    """PNAS's progressive search; returns the log records of every cell it measured, in order.
 
-    `score(cell)` -> {"accuracy", ...}; `log` is a SearchLog, which scores, logs and resumes.
+    `score(cell)` -> {"accuracy", ...}; `log` is a SearchLog, which scores, logs and resumes. Beside
+    each level's beam, `probes` children drawn at random are scored too: the predictor chose none of
+    them, so its rank correlation on them measures it without bias. `sampler="random"` picks the
+    beam at random instead of by prediction: the baseline that shows what the predictor buys.
     """
-    measured = log.level(1, first_cells, score)                     # score the 1-block cells
+    rng = random.Random(seed)
+    measured = log.level(1, [(c, "first") for c in first_cells], score)      # score the 1-block cells
     for b in range(2, blocks + 1):
         predictor.fit([as_cell(r["cell"]) for r in measured], [r["accuracy"] for r in measured])
         parents = [as_cell(r["cell"]) for r in measured if r["level"] == b - 1]
-        children = sorted({canonical(child) for p in parents for child in expand(p, ops)})
+        children = sorted({child for p in parents for child in expand(p, ops)})
         predicted = dict(zip(children, predictor.predict(children).tolist()))
-        ranked = sorted(children, key=lambda c: (-predicted[c], cell_key(c)))
-        measured += log.level(b, ranked[:beam], score, predicted)   # score the beam
-    return max(measured, key=lambda r: (r["accuracy"], -r["blocks"]))
+        if sampler == "random":
+            chosen = rng.sample(children, min(beam, len(children)))
+        else:
+            chosen = sorted(children, key=lambda c: (-predicted[c], cell_key(c)))[:beam]
+        rest = [c for c in children if c not in set(chosen)]
+        probed = rng.sample(rest, min(probes, len(rest)))
+        cells = [(c, "beam") for c in chosen] + [(c, "probe") for c in probed]
+        measured += log.level(b, cells, score, predicted)                    # score the beam and probes
+    return measured
+
+
+def rescore(log, score, cells, trials, role):
+    """Score each cell again, once per training seed in `trials` (score(cell, trial)), logged with
+    `role`; returns {cell key: [ok records]}. Used for the noise floor (same episodes, other seeds)
+    and the de-biased best (fresh episodes, other seeds)."""
+    found = {}
+    for cell in cells:
+        for trial in trials:
+            key = record_key(dict(cell=cell, role=role, trial=trial))
+            if key not in log.records or log.records[key]["status"] == "failed":
+                result = score_safely(lambda c: score(c, trial), cell)
+                log.append(dict(level=len(cell), cell=[list(x) for x in canonical(cell)], blocks=len(cell),
+                                role=role, trial=trial, predicted=None, **result))
+            found.setdefault(cell_key(cell), []).append(log.records[key])
+        log.say(f"{role}: {json.dumps([list(x) for x in cell])}: "
+                + ", ".join(f"{100 * r['accuracy']:.2f}%" if r["status"] == "ok" else r["status"]
+                            for r in found[cell_key(cell)]))
+    return {k: [r for r in rows if r["status"] == "ok"] for k, rows in found.items()}
+
+
+def seed_noise(records):
+    """The standard deviation of a score between training seeds, pooled over the cells scored with
+    several seeds on the same episodes (role "noise" beside the search's own score); None if none."""
+    by_cell = {}
+    for r in records:
+        if r["status"] == "ok" and r.get("role") in (None, "first", "beam", "probe", "noise"):
+            by_cell.setdefault(cell_key(r["cell"]), []).append(r["accuracy"])
+    spreads = [np.var(scores, ddof=1) for scores in by_cell.values() if len(scores) > 1]
+    return float(np.sqrt(np.mean(spreads))) if spreads else None
+
+
+def best_of(records):
+    """The record with the highest accuracy; on a tie, the cell with fewer blocks."""
+    return max(records, key=lambda r: (r["accuracy"], -r["blocks"]))
 
 
 def score_safely(score, cell):
@@ -194,21 +292,23 @@ class SearchLog:
         self.count, self.timed = 0, []
 
     def level(self, b, cells, score, predicted=None):
-        """Score the cells of level b not yet logged; return the ok records of all `cells`, in their order."""
+        """Score the (cell, role) pairs of level b not yet logged (or logged as failed: tried again);
+        return the ok records of all of them, in their order."""
         start = time.time()
-        logged = [(cell, None) for cell in cells if cell_key(cell) in self.records]
-        missing = [cell for cell in cells if cell_key(cell) not in self.records]
+        logged = [(cell, role, None) for cell, role in cells if self.done(cell)]
+        missing = dict((cell, role) for cell, role in cells if not self.done(cell))
+        results = ((cell, missing[cell], result) for cell, result in self.score_cells(score, list(missing)))
         # the cells logged by an earlier run first, then each new result as soon as it arrives
-        for i, (cell, result) in enumerate(itertools.chain(logged, self.score_cells(score, missing)), 1):
+        for i, (cell, role, result) in enumerate(itertools.chain(logged, results), 1):
             if result is not None:
-                p = None if predicted is None else round(predicted[canonical(cell)], 4)
-                self.append(dict(level=b, cell=[list(x) for x in canonical(cell)], blocks=len(cell),
+                p = None if predicted is None else round(predicted[cell], 4)
+                self.append(dict(level=b, cell=[list(x) for x in canonical(cell)], blocks=len(cell), role=role,
                                  predicted=p, **result))
             self.count += 1
             eta = np.mean(self.timed) * (self.total - self.count) / self.workers if self.timed else None
             self.say(progress_line(b, self.levels, i, len(cells), self.records[cell_key(cell)], eta,
                                    result is not None))
-        ok = [self.records[cell_key(c)] for c in cells if self.records[cell_key(c)]["status"] == "ok"]
+        ok = [self.records[cell_key(c)] for c, _ in cells if self.records[cell_key(c)]["status"] == "ok"]
         if not ok:
             raise SearchError(f"no candidate of level {b} trained successfully: see {self.path} for each error")
         self.summarize(b, ok, time.time() - start)
@@ -216,26 +316,36 @@ class SearchLog:
             self.on_level(b, list(self.records.values()))
         return ok
 
+    def done(self, cell):
+        """Whether `cell` has a result to keep: a failure (an exception, out of memory) is tried again."""
+        record = self.records.get(cell_key(cell))
+        return record is not None and record["status"] != "failed"
+
     def append(self, record):
         """Append one record as a JSON line and make it durable before going on."""
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
             f.flush()
             os.fsync(f.fileno())
-        self.records[cell_key(record["cell"])] = record
+        self.records[record_key(record)] = record
         self.timed.append(record["seconds"])
 
     def summarize(self, b, ok, seconds):
         """After a level: the predictor's Spearman correlation on it (PNAS's diagnostic), and its time."""
         if b > 1:
-            rho = spearman([r["predicted"] for r in ok], [r["accuracy"] for r in ok])
-            self.say(f"level {b}: Spearman rank correlation, predicted vs measured: "
-                     + ("n/a" if rho is None else f"{rho:+.3f}") + f" ({len(ok)} cells)")
+            for name, rows in (("beam and probes", ok), ("probes alone", [r for r in ok if r.get("role") == "probe"])):
+                rho = spearman([r["predicted"] for r in rows], [r["accuracy"] for r in rows])
+                self.say(f"level {b}: Spearman rank correlation, predicted vs measured, {name}: "
+                         + ("n/a" if rho is None else f"{rho:+.3f}") + f" ({len(rows)} cells)")
         self.say(f"level {b} done in {seconds:.1f} s")
 
 
 def read_log(path):
-    """Records of search.jsonl keyed by cell; a partial last line (from a kill) is cut off the file."""
+    """Records of search.jsonl keyed by cell; a partial last line (from a kill) is cut off the file.
+
+    One record per network: a later row replaces an earlier one only where that one failed (the
+    cell was tried again). A log written before cells were merged up to block order may hold one
+    network twice: its first row is kept."""
     if not os.path.exists(path):
         return {}
     with open(path, "rb") as f:
@@ -251,8 +361,17 @@ def read_log(path):
         except json.JSONDecodeError as e:
             raise LogError(f"line {n} of {path} is not valid JSON ({e.msg}): delete that line or start a new "
                            "--out folder") from e
-        records[cell_key(record["cell"])] = record
+        key = record_key(record)
+        if key not in records or records[key]["status"] == "failed":
+            records[key] = record
     return records
+
+
+def record_key(record):
+    """What a log record is the result of: its network, and for a re-score its role and trial."""
+    if record.get("role") in (None, "first", "beam", "probe"):
+        return cell_key(record["cell"])
+    return f"{cell_key(record['cell'])}#{record['role']}{record['trial']}"
 
 
 def progress_line(level, blocks, i, n, record, eta, fresh=True):

@@ -14,7 +14,7 @@ from functools import lru_cache
 
 from PIL import Image, ImageDraw, ImageFont
 
-from pnas import spearman
+from pnas import cell_key, seed_noise, spearman
 
 WHITE, INK, MUTED, GRID = (255, 255, 255), (33, 33, 33), (110, 110, 110), (228, 228, 228)
 BLUE, ORANGE, GREEN, RED = (31, 119, 180), (230, 115, 0), (44, 160, 44), (214, 39, 40)
@@ -151,10 +151,19 @@ def value_ticks(lo, hi, pad=0.03, clip=(-math.inf, math.inf)):
 
 # ---------------------------------------------------------------------------- the search
 
+SEARCH_ROLES = (None, "first", "beam", "probe")  # a log row's role in the search; the others are re-scores
+
+
+def searched(records):
+    """The rows of the search itself, without the re-scores of its noise floor and of its best cells."""
+    return [r for r in records if r.get("role") in SEARCH_ROLES]
+
+
 def draw_search(records, path, chance):
     """report.png: measured accuracy of every scored cell by level, and the predictor's predictions vs them."""
     image = Image.new("RGB", SEARCH_SIZE, WHITE)
     draw = ImageDraw.Draw(image)
+    noise, records = seed_noise(records), searched(records)
     ok = [r for r in records if r["status"] == "ok"]
     failed = len(records) - len(ok)
     header = f"{len(records)} cells scored" + (f" ({failed} diverged or failed)" if failed else "")
@@ -162,6 +171,8 @@ def draw_search(records, path, chance):
         best = max(ok, key=lambda r: (r["accuracy"], -r["blocks"]))
         header += (f"  ·  best {percent(best['accuracy'])} ± {percent(best['ci95'])} at level {best['level']}"
                    f"  ·  chance {percent(chance, 0)}")
+    if noise is not None:
+        header += f"  ·  seed noise ± {percent(noise)} (std)"
     draw.text((20, 12), header, font=font(TITLE_SIZE), fill=INK)
     plot_levels(image, (95, 130, 640, 470), records, chance)
     plot_predictions(image, (780, 130, 1085, 470), ok)
@@ -178,11 +189,13 @@ def plot_levels(image, box, records, chance):
     xticks = []
     for b in levels:
         n, n_ok = sum(r["level"] == b for r in records), sum(r["level"] == b for r in ok)
-        kept = f"{n} scored" if b == 1 else f"beam of {n}"
+        probes = sum(r["level"] == b and r.get("role") == "probe" for r in records)
+        kept = f"{n} scored" if b == 1 else f"beam of {n - probes}" + (f" + {probes} probes" if probes else "")
         xticks.append((b, f"level {b}\n{kept}" + (f", {n - n_ok} failed" if n_ok < n else "")))
     ax.frame("Measured accuracy of every scored cell", "search level (= blocks per cell)",
              "validation accuracy (%)", xticks, yticks)
-    legend(ax.draw, box[0], box[1] - 28, [("dot", BLUE, "scored cell, ± 95% CI"), ("dot", ORANGE, "best of level"),
+    legend(ax.draw, box[0], box[1] - 28, [("dot", BLUE, "scored cell, ± 95% CI"), ("dot", GREEN, "probe"),
+                                          ("dot", ORANGE, "best of level"),
                                           ("dash", MUTED, f"chance ({percent(chance, 0)})")])
     y_chance = ax.px(0, 100 * chance)[1]
     dashed(ax.draw, (box[0], y_chance), (box[2], y_chance), MUTED)
@@ -194,7 +207,7 @@ def plot_levels(image, box, records, chance):
             x = b if len(level) == 1 else b - 0.3 + 0.6 * i / (len(level) - 1)
             low, high = ax.px(x, 100 * (r["accuracy"] - r["ci95"])), ax.px(x, 100 * (r["accuracy"] + r["ci95"]))
             ax.draw.line([low, high], fill=(160, 195, 225), width=2)
-            dot(ax.draw, ax.px(x, 100 * r["accuracy"]), BLUE, radius=4)
+            dot(ax.draw, ax.px(x, 100 * r["accuracy"]), GREEN if r.get("role") == "probe" else BLUE, radius=4)
         if level:
             bests.append(ax.px(b + 0.3 if len(level) > 1 else b, 100 * level[-1]["accuracy"]))
     if len(bests) > 1:
@@ -499,20 +512,32 @@ def draw_concat(draw, g):
 
 def write_report(out, records, config):
     """OUT/report.png, OUT/best_cell.png and OUT/report.md from the search log records and the config dict."""
-    ok = sorted((r for r in records if r["status"] == "ok"), key=lambda r: (-r["accuracy"], r["blocks"]))
-    levels = sorted({r["level"] for r in records})
+    rescored = rescores(records)
+    search = searched(records)
+    ok = sorted((r for r in search if r["status"] == "ok"), key=lambda r: (-r["accuracy"], r["blocks"]))
+    levels = sorted({r["level"] for r in search})
     chance = 1 / config["ways"]
     draw_search(records, os.path.join(out, "report.png"), chance)
-    lines = report_header(records, ok, levels, config, chance)
+    lines = report_header(search, ok, levels, config, chance)
     if ok:
-        best = ok[0]
+        # the best by its re-score where the best cells were re-scored: the search's own best is biased upward
+        best = max(ok, key=lambda r: (rescored.get(cell_key(r["cell"]), -1), r["accuracy"], -r["blocks"]))
         draw_cell(best["cell"], os.path.join(out, "best_cell.png"),
                   f"best cell: {percent(best['accuracy'])} ± {percent(best['ci95'])} (level {best['level']}, "
                   f"{best['params']:,} parameters)")
-        lines += best_cells_table(ok)
-    lines += levels_table(records, levels) + report_footer(records, ok, config)
+        lines += best_cells_table(ok, rescored)
+    lines += levels_table(search, levels, seed_noise(records)) + report_footer(search, ok, config)
     with open(os.path.join(out, "report.md"), "w") as f:
         f.write("\n".join(lines))
+
+
+def rescores(records):
+    """cell key -> mean accuracy of its re-scores on fresh episodes with new seeds (role "rescore")."""
+    found = {}
+    for r in records:
+        if r.get("role") == "rescore" and r["status"] == "ok":
+            found.setdefault(cell_key(r["cell"]), []).append(r["accuracy"])
+    return {key: sum(scores) / len(scores) for key, scores in found.items()}
 
 
 def report_header(records, ok, levels, config, chance):
@@ -525,31 +550,48 @@ def report_header(records, ok, levels, config, chance):
             "![accuracy by level and predicted vs measured accuracy](report.png)", ""]
 
 
-def best_cells_table(ok):
+def best_cells_table(ok, rescored):
     """The five best cells as a markdown table (`ok` sorted best first), and the best cell's picture."""
-    lines = ["## Best cells", "", "| rank | blocks | validation accuracy ± 95% CI | parameters | cell |",
-             "|---:|---:|---|---:|---|"]
-    lines += [f"| {k} | {r['blocks']} | {percent(r['accuracy'])} ± {percent(r['ci95'])} | {r['params']:,} | "
-              f"`{json.dumps(r['cell'])}` |" for k, r in enumerate(ok[:5], 1)]
+    lines = ["## Best cells", "", "The search's own score of its best cells is the highest of many noisy scores, on "
+             "the episodes that chose them; the re-score (mean over new training seeds, on fresh validation "
+             "episodes) is not, and it chooses best.json's cell.", "",
+             "| rank | blocks | search's validation accuracy ± 95% CI | re-scored | parameters | cell |",
+             "|---:|---:|---|---|---:|---|"]
+    for k, r in enumerate(ok[:5], 1):
+        again = rescored.get(cell_key(r["cell"]))
+        lines.append(f"| {k} | {r['blocks']} | {percent(r['accuracy'])} ± {percent(r['ci95'])} | "
+                     f"{'–' if again is None else percent(again)} | {r['params']:,} | `{json.dumps(r['cell'])}` |")
     return lines + ["", "![the best cell](best_cell.png)", ""]
 
 
-def levels_table(records, levels):
-    """One markdown table row per level: cells scored, ok, best and mean accuracy, Spearman rho, training time."""
+def levels_table(records, levels, noise):
+    """One markdown row per level: cells, best, mean and spread of accuracy, Spearman rho, training time."""
     lines = ["## Levels", "", "At level 1 the scored cells are 1-block cells; at every later level they are the beam "
-             "the predictor chose among the children of the previous level.", "",
-             "| level | cells scored | ok | best | mean | Spearman ρ, predicted vs measured | training time |",
-             "|---:|---:|---:|---|---|---|---:|"]
+             "chosen among the children of the previous level, and probes drawn from the rest at random. The "
+             "predictor chose no probe, so its Spearman ρ on the probes measures it without bias.", "",
+             "Seed noise: " + ("not measured" if noise is None else f"a cell's score moves by {percent(noise)} (std) "
+                               "with its training seed alone") + "; compare it with each level's spread.", "",
+             "| level | cells scored | ok | best | mean | spread (std) | Spearman ρ, beam and probes | ρ, probes alone "
+             "| training time |", "|---:|---:|---:|---|---|---|---|---|---:|"]
     for b in levels:
         level = [r for r in records if r["level"] == b]
         good = [r for r in level if r["status"] == "ok"]
-        rho = spearman([r["predicted"] for r in good], [r["accuracy"] for r in good]) if b > 1 else None
-        rho_text = "no predictions at level 1" if b == 1 else "n/a" if rho is None else f"{rho:+.3f}"
-        best_text = percent(max(r["accuracy"] for r in good)) if good else "–"
-        mean_text = percent(sum(r["accuracy"] for r in good) / len(good)) if good else "–"
-        lines.append(f"| {b} | {len(level)} | {len(good)} | {best_text} | {mean_text} | {rho_text} | "
+        scores = [r["accuracy"] for r in good]
+        spread = math.sqrt(sum((a - sum(scores) / len(scores)) ** 2 for a in scores) / len(scores)) if good else None
+        lines.append(f"| {b} | {len(level)} | {len(good)} | {percent(max(scores)) if good else '–'} | "
+                     f"{percent(sum(scores) / len(scores)) if good else '–'} | "
+                     f"{'–' if spread is None else percent(spread)} | {rho_text(good, b)} | "
+                     f"{rho_text([r for r in good if r.get('role') == 'probe'], b)} | "
                      f"{duration(sum(r['seconds'] for r in level))} |")
     return lines
+
+
+def rho_text(rows, level):
+    """Spearman rho of predicted vs measured accuracy over `rows`, as table text."""
+    if level == 1:
+        return "no predictions at level 1"
+    rho = spearman([r["predicted"] for r in rows], [r["accuracy"] for r in rows])
+    return "n/a" if rho is None else f"{rho:+.3f} ({len(rows)} cells)"
 
 
 def report_footer(records, ok, config):

@@ -17,36 +17,48 @@ def build_model(cfg, arch):
                                cfg.stem_stride)
 
 
-def candidate_seed(seed, cell):
-    """A seed from (global seed, canonical cell): a candidate's score never depends on search order."""
-    digest = hashlib.sha256(f"{seed}:{pnas.cell_key(cell)}".encode()).digest()
+FRESH_EPISODES = 3  # seed offset of the validation episodes that re-score the best cells (--train uses 1 and 2)
+
+
+def candidate_seed(seed, cell, trial=0):
+    """A seed from (global seed, network, trial): a candidate's score never depends on search order.
+    Trial 0 is the search's own score; a re-score with other training seeds takes trials 1, 2, ..."""
+    name = f"{seed}:{pnas.cell_key(cell)}" + (f":{trial}" if trial else "")
+    digest = hashlib.sha256(name.encode()).digest()
     return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
 
 
 def make_scorer(cfg, splits, device):
-    """score(cell) -> {"accuracy", "ci95", "params"}, or status "diverged" when training blew up.
+    """score(cell, trial=0, fresh=False) -> {"accuracy", "ci95", "params", "seed"}, or status "diverged"
+    when training blew up.
 
     Every candidate is meta-trained from its own seed for cfg.meta_iters iterations on training
-    episodes, then adapted and tested on the same cfg.eval_episodes validation episodes.
+    episodes, then adapted and tested on the same cfg.eval_episodes validation episodes (with
+    fresh=True: other validation episodes, the same for every cell, to re-score the best ones).
     """
-    episodes = data.fixed_episodes(splits["val"], cfg.ways, cfg.shots, cfg.queries, cfg.eval_episodes,
-                                   seed=cfg.seed, batch=cfg.meta_batch)
+    def episodes(offset):
+        return data.fixed_episodes(splits["val"], cfg.ways, cfg.shots, cfg.queries, cfg.eval_episodes,
+                                   seed=cfg.seed + offset, batch=cfg.meta_batch)
 
-    def score(cell):
-        cell = pnas.canonical(cell)  # the same network, weights and seed however the halves are written
-        torch.manual_seed(candidate_seed(cfg.seed, cell))
+    search_episodes, fresh_episodes = episodes(0), episodes(FRESH_EPISODES)
+
+    def score(cell, trial=0, fresh=False):
+        cell = pnas.canonical(cell)  # the same network, weights and seed however the cell is written
+        seed = candidate_seed(cfg.seed, cell, trial)
+        torch.manual_seed(seed)
         model = build_model(cfg, cell).to(device)
-        sampler = data.EpisodeSampler(splits["train"], cfg.ways, cfg.shots, cfg.queries,
-                                      candidate_seed(cfg.seed, cell))
+        sampler = data.EpisodeSampler(splits["train"], cfg.ways, cfg.shots, cfg.queries, seed)
         optimizer = torch.optim.Adam(model.parameters(), lr=cfg.meta_lr)
         try:
             with fastcpu.speedups(model, cfg.first_order) as layout:
                 maml.meta_train(model, optimizer, lambda: layout(sampler.sample(cfg.meta_batch)), cfg.meta_iters,
                                 cfg.inner_steps, cfg.inner_lr, cfg.first_order)
-                accuracy, ci95 = maml.evaluate(model, dict(model.named_parameters()), map(layout, episodes),
+                accuracy, ci95 = maml.evaluate(model, dict(model.named_parameters()),
+                                               map(layout, fresh_episodes if fresh else search_episodes),
                                                cfg.test_steps, cfg.inner_lr)
         except maml.Diverged as e:
-            return dict(accuracy=None, ci95=None, status="diverged", error=str(e))
-        return {"accuracy": round(accuracy, 5), "ci95": round(ci95, 5), "params": cells.count_parameters(model)}
+            return dict(accuracy=None, ci95=None, status="diverged", error=str(e), seed=seed)
+        return {"accuracy": round(accuracy, 5), "ci95": round(ci95, 5), "params": cells.count_parameters(model),
+                "seed": seed}
 
     return score

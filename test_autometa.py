@@ -1,5 +1,6 @@
 """Tests: each part against an independent reference. Run: python -m pytest -q"""
 import contextlib
+import itertools
 import json
 import os
 import pickle
@@ -159,8 +160,8 @@ def test_search_space_counts_and_canonical_dedup():
     assert len(pnas.expand(level1[0], ops)) == 21 * 22 // 2  # 3 inputs x 7 ops, unordered pairs
     a, b = ((1, "conv_3x3", 0, "identity"),), ((0, "identity", 1, "conv_3x3"),)
     assert pnas.canonical(a) == pnas.canonical(b) and pnas.cell_key(a) == pnas.cell_key(b)
-    assert torch.equal(pnas.encode(a, 5, ops), pnas.encode(b, 5, ops))
-    assert pnas.encode(a, 5, ops).shape == (2 * (6 + 7),)
+    assert torch.equal(pnas.encode(a, ops), pnas.encode(b, ops))
+    assert pnas.encode(a, ops).shape == pnas.encode(cells.AUTOMETA_CELL, ops).shape == (3 + 7,)
 
 
 def test_cell_json_round_trip_and_validation(tmp_path):
@@ -210,20 +211,100 @@ def test_predictor_ranks_unseen_cells():
     level1 = pnas.expand((), ops)
     level2 = [c for p in level1[::10] for c in pnas.expand(p, ops)][::7]
     seen, unseen = level1 + level2[::4], [c for i, c in enumerate(level2) if i % 4]
-    predictor = pnas.Predictor(2, ops, seed=0).fit(seen, [fake_accuracy(c) for c in seen])
+    predictor = pnas.Predictor(ops, seed=0).fit(seen, [fake_accuracy(c) for c in seen])
     rho = pnas.spearman(predictor.predict(unseen), [fake_accuracy(c) for c in unseen])
     assert rho > 0.8
 
 
-def run_fake_search(out, score=None, blocks=3, beam=3, max_first=10, predictor=None, job=None):
+# ---- the search space up to block order (issue #17), checked against a brute force that knows nothing of it
+
+def brute_force_key(cell):
+    """The smallest tuple over every way of writing the same network: each order of the blocks in which a
+    block comes after the blocks it reads, and each order of each block's two halves."""
+    best = None
+    for order in itertools.permutations(range(len(cell))):
+        new = {0: 0, 1: 1, **{old + 2: position + 2 for position, old in enumerate(order)}}
+        if any(new[i] >= new[b + 2] for b in order for i in (cell[b][0], cell[b][2])):
+            continue  # a block would read a later one
+        for swaps in itertools.product((False, True), repeat=len(cell)):
+            written = tuple((new[in2], op2, new[in1], op1) if swap else (new[in1], op1, new[in2], op2)
+                            for (in1, op1, in2, op2), swap in zip((cell[b] for b in order), swaps))
+            best = written if best is None or written < best else best
+    return best
+
+
+def every_cell(ops, blocks):
+    """Every cell of `blocks` blocks, each new block appended with every pair of (input, op): equal networks included."""
+    level = [()]
+    for _ in range(blocks):
+        level = [parent + (a + b,) for parent in level for a, b in itertools.combinations_with_replacement(
+            [(i, op) for i in range(len(parent) + 2) for op in ops], 2)]
+    return level
+
+
+def same_partition(cells):
+    """canonical() and brute_force_key() split `cells` into the same networks; returns how many there are."""
+    classes = {(brute_force_key(c), pnas.canonical(c)) for c in cells}
+    assert len({k for k, _ in classes}) == len({f for _, f in classes}) == len(classes)
+    assert all(brute_force_key(form) == key for key, form in classes)  # each form writes its own network
+    return len(classes)
+
+
+@pytest.mark.parametrize("blocks, networks", [(1, 105), (2, 18795)])
+def test_canonical_merges_exactly_the_cells_that_are_one_network(blocks, networks):
+    assert same_partition(every_cell(list(cells.OPS), blocks)) == networks
+    assert len(pnas.expand((), list(cells.OPS))) == 105
+
+
+def test_canonical_on_three_blocks_of_three_ops_and_copies_of_a_block():
+    assert same_partition(every_cell(["conv_3x3", "identity", "max_pool_3x3"], 3)) == 37303
+    copy, x, y = (1, "conv_3x3", 1, "conv_3x3"), "identity", "max_pool_3x3"
+    reads_both, reads_one_twice = (copy, copy, (2, x, 3, y)), (copy, copy, (2, x, 2, y))
+    assert pnas.canonical(reads_both) != pnas.canonical(reads_one_twice)  # two copies are two blocks
+    assert pnas.canonical(reads_both) == pnas.canonical((copy, copy, (3, x, 2, y)))
+    issue = [[[0, "conv_3x3", 1, "conv_1x5_5x1"], [1, "conv_3x3", 2, "conv_1x5_5x1"], [1, "conv_1x5_5x1", 1, "conv_1x5_5x1"]],
+             [[0, "conv_3x3", 1, "conv_1x5_5x1"], [1, "conv_1x5_5x1", 1, "conv_1x5_5x1"], [1, "conv_3x3", 2, "conv_1x5_5x1"]]]
+    assert pnas.cell_key(issue[0]) == pnas.cell_key(issue[1])  # the two cells the issue found scored twice
+
+
+def test_expand_gives_every_child_network_once():
+    ops = list(cells.OPS)
+    level1 = pnas.expand((), ops)
+    assert len({c for p in level1 for c in pnas.expand(p, ops)}) == 18795
+    children = pnas.expand(cells.AUTOMETA_CELL[:2], ops)
+    assert children == sorted(set(children)) and all(pnas.canonical(c) == c for c in children)
+
+
+def known_score(cell):
+    """A plausible accuracy for any cell: the mean over its halves of a value of the op and of the kind of input."""
+    op_value = dict(zip(cells.OPS, [0.60, 0.57, 0.62, 0.58, 0.52, 0.50, 0.46]))
+    halves = [(i, op) for in1, op1, in2, op2 in cell for i, op in ((in1, op1), (in2, op2))]
+    return float(np.mean([op_value[op] + (-0.01, 0.01, 0.02)[min(i, 2)] for i, op in halves]))
+
+
+def test_predictor_fit_on_one_block_cells_ranks_their_deeper_children():
+    ops = list(cells.OPS)
+    level1 = pnas.expand((), ops)
+    top = lambda cs: sorted(cs, key=lambda c: (-known_score(c), c))[:5]  # noqa: E731
+    level2 = sorted({c for p in top(level1) for c in pnas.expand(p, ops)})
+    unseen = level2 + sorted({c for p in top(level2) for c in pnas.expand(p, ops)})
+    truth = [known_score(c) for c in unseen]
+    predicted = [pnas.Predictor(ops, seed=s).fit(level1, [known_score(c) for c in level1]).predict(unseen)
+                 for s in (0, 1)]
+    assert min(pnas.spearman(p, truth) for p in predicted) >= 0.9
+    assert pnas.spearman(*predicted) >= 0.9  # two predictor seeds rank them alike
+
+
+def run_fake_search(out, score=None, blocks=3, beam=3, max_first=10, predictor=None, job=None, **kw):
     """pnas.search with a fake score (fake_accuracy), as autometa.py runs it; `job`: a torchrun Team."""
     os.makedirs(out, exist_ok=True)
     ops = list(cells.OPS)
     first = pnas.first_level(ops, max_first, seed=0)
-    log = pnas.SearchLog(os.path.join(out, "search.jsonl"), blocks, len(first) + beam * (blocks - 1),
+    log = pnas.SearchLog(os.path.join(out, "search.jsonl"), blocks, len(first) + (beam + kw.get("probes", 0)) * (blocks - 1),
                          score_cells=pnas.score_each if job is None else job.score_all, say=lambda s: None)
-    best = pnas.search(score or (lambda c: {"accuracy": fake_accuracy(c), "ci95": 0.01, "params": 1}), log,
-                       blocks, beam, ops, first, predictor or pnas.Predictor(blocks, ops, seed=0))
+    measured = pnas.search(score or (lambda c: {"accuracy": fake_accuracy(c), "ci95": 0.01, "params": 1}), log,
+                           blocks, beam, ops, first, predictor or pnas.Predictor(ops, seed=0), **kw)
+    best = pnas.best_of(measured)
     write_json(os.path.join(out, "best.json"), {k: best[k] for k in ("cell", "accuracy", "ci95")})
     return best
 
@@ -269,6 +350,47 @@ def test_diverged_and_failed_candidates_are_logged_and_the_search_goes_on(tmp_pa
     assert status == {"ok", "diverged", "failed"}
     failed = [r for r in read_lines(tmp_path / "search.jsonl") if r["status"] == "failed"]
     assert failed[0]["error"] == "MemoryError: CUDA out of memory. Tried to allocate"
+
+
+def test_probes_and_the_random_sampler_score_what_they_say(tmp_path):
+    run_fake_search(tmp_path / "p", probes=2, blocks=3)
+    log = read_lines(tmp_path / "p" / "search.jsonl")
+    assert [r["role"] for r in log] == ["first"] * 10 + (["beam"] * 3 + ["probe"] * 2) * 2
+    for b in (2, 3):  # the beam is the predictor's top of the level; the probes are not in it
+        level = [r for r in log if r["level"] == b]
+        assert min(r["predicted"] for r in level if r["role"] == "beam") >= max(
+            r["predicted"] for r in level if r["role"] == "probe")
+    run_fake_search(tmp_path / "r", sampler="random", blocks=3)
+    randomly = read_lines(tmp_path / "r" / "search.jsonl")
+    assert randomly[:10] == log[:10] or [r["cell"] for r in randomly[:10]] == [r["cell"] for r in log[:10]]
+    assert len(randomly) == 16 and all(r["predicted"] is not None for r in randomly[10:])
+    assert [r["cell"] for r in randomly[10:13]] != [r["cell"] for r in log[10:13]]
+
+
+def test_failed_candidates_are_tried_again_and_superseded(tmp_path):
+    broken = {"yes": True}
+
+    def score(cell):
+        if broken["yes"] and cell[-1][1] == "avg_pool_3x3":
+            raise MemoryError("out of memory")
+        return {"accuracy": fake_accuracy(cell), "ci95": 0.0, "params": 1}
+    run_fake_search(tmp_path, score=score, blocks=1, max_first=0)
+    failed = [r for r in read_lines(tmp_path / "search.jsonl") if r["status"] == "failed"]
+    broken["yes"] = False  # the cause is fixed: a rerun scores those cells again
+    run_fake_search(tmp_path, score=score, blocks=1, max_first=0)
+    records = pnas.read_log(str(tmp_path / "search.jsonl"))
+    assert len(records) == 105 and all(r["status"] == "ok" for r in records.values())
+    assert len(read_lines(tmp_path / "search.jsonl")) == 105 + len(failed) and failed
+
+
+def test_an_old_log_with_one_network_twice_keeps_its_first_row(tmp_path):
+    a = [[0, "conv_3x3", 1, "identity"], [1, "identity", 1, "identity"]]
+    b = a[::-1]  # block order swapped: one network (block 0 reads no block)
+    rows = [dict(level=2, cell=a, blocks=2, accuracy=0.5, ci95=0.1, status="ok"),
+            dict(level=2, cell=b, blocks=2, accuracy=0.6, ci95=0.1, status="ok")]
+    (tmp_path / "search.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    records = pnas.read_log(str(tmp_path / "search.jsonl"))
+    assert list(records.values()) == [rows[0]]
 
 
 # ---------------------------------------------------------------------------- data.py
@@ -561,7 +683,7 @@ def cli(*args, cwd=HERE):
 
 
 TINY = ["--blocks", "2", "--beam", "2", "--max-first", "3", "--meta-iters", "3", "--eval-episodes", "4",
-        "--channels", "4"]
+        "--channels", "4", "--probe", "1", "--noise", "1", "--rescore", "2", "--rescore-seeds", "1"]
 
 
 def test_tiny_search_end_to_end_writes_a_valid_log_and_resumes_without_retraining(tmp_path):
@@ -569,14 +691,22 @@ def test_tiny_search_end_to_end_writes_a_valid_log_and_resumes_without_retrainin
     first = cli("--search", "--out", out, *TINY)
     assert first.returncode == 0, first.stderr
     log = read_lines(os.path.join(out, "search.jsonl"))
-    assert len(log) == 5 and all(r["status"] == "ok" and 0 <= r["accuracy"] <= 1 for r in log)
+    assert len(log) == 3 + 3 + 1 + 2 and all(r["status"] == "ok" and 0 <= r["accuracy"] <= 1 for r in log)
     assert all(r["params"] > 0 and r["seconds"] > 0 for r in log)
-    assert [r["predicted"] is None for r in log] == [True] * 3 + [False] * 2
+    assert [r["role"] for r in log] == ["first"] * 3 + ["beam"] * 2 + ["probe", "noise", "rescore", "rescore"]
+    assert [r["predicted"] is None for r in log[:6]] == [True] * 3 + [False] * 3
+    noise = log[6]  # a level-1 cell again, another seed, the same episodes
+    assert noise["cell"] in [r["cell"] for r in log[:3]] and noise["seed"] != next(
+        r["seed"] for r in log[:3] if r["cell"] == noise["cell"])
     best = json.loads(open(os.path.join(out, "best.json")).read())
     assert best["config"]["blocks"] == 2 and cells.parse_cell(best["cell"])
-    assert "best cell:" in first.stdout and "[level 2/2]" in first.stdout
+    rescored = {json.dumps(r["cell"]): r for r in log[7:]}
+    assert best["rescore"]["accuracy"] == max(r["accuracy"] for r in rescored.values())  # chosen by the re-score
+    assert best["rescore"]["seeds"] == [rescored[json.dumps(best["cell"])]["seed"]]
+    assert "best cell:" in first.stdout and "[level 2/2]" in first.stdout and "seed noise:" in first.stdout
+    assert "re-scored" in open(os.path.join(out, "report.md")).read()
     again = cli("--search", "--out", out, *TINY)
-    assert again.returncode == 0 and again.stdout.count("logged") == 5
+    assert again.returncode == 0 and again.stdout.count("logged") == 6
     assert read_lines(os.path.join(out, "search.jsonl")) == log
 
 
@@ -896,7 +1026,7 @@ def test_search_writes_its_report_after_every_level(tmp_path, monkeypatch):
         write(out, records, config)
     monkeypatch.setattr(report, "write_report", counting_write)
     assert autometa.main(["--search", "--out", out, *TINY]) == 0
-    assert levels == [1, 2]
+    assert levels[:2] == [1, 2]
     for name in ("report.png", "best_cell.png"):
         assert_picture(os.path.join(out, name))
     md = open(os.path.join(out, "report.md")).read()
@@ -920,7 +1050,7 @@ def torchrun_fake(out, **kw):
 
 def cheap_predictor():
     """A predictor that fits in a blink: these tests check who scores what, not how well it ranks."""
-    return pnas.Predictor(3, list(cells.OPS), members=1, epochs=20)
+    return pnas.Predictor(list(cells.OPS), members=1, epochs=20)
 
 
 def fake_rank(out, seconds=0.02, slow=1, crash_after=0, stall_after=0, minutes=1.0):
