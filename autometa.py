@@ -139,29 +139,42 @@ def check_best(cfg, log, score, measured):
 
 
 def run_train(cfg, arch_text):
-    """The --train command: resumes from OUT/last.pt when it exists."""
+    """The --train command, once per seed of --seeds; each run resumes from its last.pt when it exists."""
     arch = cells.load_arch(arch_text)
     device = pick_device(cfg.device)
-    check_resume(cfg, "train")
-    splits = data.splits_for(cfg, ("train", "val"))
-    try:
-        trainer = training.train(cfg, arch, splits, device)
-    except KeyboardInterrupt:
-        print(f"interrupted: rerun the same command to resume from the last checkpoint in {cfg.out}", file=sys.stderr)
-        return 130
-    if trainer.iteration == cfg.train_iters and trainer.best is not None:
-        print(f"best validation accuracy {100 * trainer.best['val_accuracy']:.2f}% at iteration "
-              f"{trainer.best['iteration']}; checkpoints in {cfg.out}/ (best.pt, last.pt), log in train.jsonl")
+    training.parse_seeds(cfg.seeds or "0")  # a bad --seeds fails before any training
+    for seed, run in training.seed_runs(cfg):
+        if seed is not None:
+            print(f"--- training seed {seed}: {run.out}")
+        check_resume(run, "train")
+        try:
+            trainer = training.train(run, arch, data.splits_for(run, ("train", "val")), device)
+        except KeyboardInterrupt:
+            print(f"interrupted: rerun the same command to resume from the last checkpoint in {run.out}",
+                  file=sys.stderr)
+            return 130
+        if trainer.iteration == run.train_iters and trainer.best is not None:
+            print(f"best validation accuracy {100 * trainer.best['val_accuracy']:.2f}% at iteration "
+                  f"{trainer.best['iteration']}; checkpoints in {run.out}/ (best.pt, last.pt), log in train.jsonl")
     return 0
 
 
 def run_eval(args):
-    """The --eval command: the standard protocol on fixed, seeded test episodes."""
-    state = training.load_checkpoint(args.eval)
-    cfg = make_config(flags(args), args.preset, base=state["config"])
-    splits = data.splits_for(cfg, ("test",))
-    accuracy, ci95 = training.checkpoint_accuracy(cfg, state, splits, pick_device(cfg.device))
-    print(f"test accuracy: {100 * accuracy:.2f}% ± {100 * ci95:.2f}% (95% CI, {cfg.eval_episodes} episodes)")
+    """The --eval command: the standard protocol on fixed, seeded test episodes, for one checkpoint or
+    for every seed of a --seeds folder (then their mean and spread across seeds)."""
+    found = []
+    for label, path in training.checkpoints(args.eval):
+        state = training.load_checkpoint(path)
+        cfg = make_config(flags(args), args.preset, base=state["config"])
+        accuracy, ci95 = training.checkpoint_accuracy(cfg, state, data.splits_for(cfg, ("test",)),
+                                                      pick_device(cfg.device))
+        print(f"{label + ': ' if label else ''}test accuracy: {100 * accuracy:.2f}% ± {100 * ci95:.2f}% "
+              f"(95% CI, {cfg.eval_episodes} episodes)")
+        found.append((accuracy, ci95))
+    if len(found) > 1:
+        mean = statistics.mean(a for a, _ in found)
+        print(f"mean over {len(found)} seeds: {100 * mean:.2f}% ± {100 * statistics.stdev(a for a, _ in found):.2f}% "
+              f"(std across seeds; per-episode 95% CI of a seed about ± {100 * statistics.mean(c for _, c in found):.2f}%)")
     return 0
 
 

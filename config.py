@@ -38,6 +38,7 @@ class Config:
     stem_stride: int = 2         # stride of the stem convolution
     meta_iters: int = 60         # meta-iterations per search candidate
     train_iters: int = 300       # meta-iterations of --train
+    seeds: str = ""              # --train: training seeds, e.g. 0,1,2: one run each in OUT/seed-N ('': --seed)
     meta_batch: int = 2          # tasks per meta-iteration (0: 4 for 1-shot, 2 otherwise)
     inner_steps: int = 1         # SGD steps of adaptation while meta-training
     test_steps: int = 3          # SGD steps of adaptation when evaluating
@@ -72,7 +73,8 @@ PRESETS = {
 
 # Fields that do not change a run's results, so a resumed run may differ in them.
 RESUME_FREE = {
-    "search": {"device", "out", "cache_dir", "wait_minutes", "train_iters", "val_episodes", "val_every", "log_every"},
+    "search": {"device", "out", "cache_dir", "wait_minutes", "train_iters", "val_episodes", "val_every", "log_every",
+               "seeds"},
     "train": {"device", "out", "cache_dir", "wait_minutes", "train_iters", "eval_episodes", "log_every",
               "blocks", "beam", "ops", "max_first", "meta_iters", "sampler", "probe", "noise", "rescore",
               "rescore_seeds"},

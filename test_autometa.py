@@ -769,7 +769,7 @@ def test_unknown_layout_and_changed_config_exit_2_and_keep_the_log(tmp_path):
     out = str(tmp_path / "run")
     assert cli("--search", "--out", out, *TINY).returncode == 0
     before = open(os.path.join(out, "search.jsonl")).read()
-    result = cli("--search", "--out", out, *TINY[:-1], "6")
+    result = cli("--search", "--out", out, *TINY, "--channels", "6")
     assert result.returncode == 2 and "channels" in result.stderr and "--out" in result.stderr
     assert open(os.path.join(out, "search.jsonl")).read() == before
     result = cli("--train", "conv4", "--out", out)
@@ -812,6 +812,23 @@ def test_eval_is_deterministic_and_needs_only_the_checkpoint(tmp_path):
     assert first.returncode == 0, first.stderr
     assert first.stdout == second.stdout
     assert first.stdout.startswith("test accuracy: ") and "(95% CI, 6 episodes)" in first.stdout
+
+
+def test_train_on_several_seeds_and_eval_their_folder(tmp_path):
+    out = str(tmp_path / "seeds")
+    assert cli("--train", "conv4", "--out", out, "--seeds", "0,1", "--train-iters", "3", *TRAIN).returncode == 0
+    a, b = (torch.load(os.path.join(out, f"seed-{s}", "best.pt"), weights_only=True) for s in (0, 1))
+    assert a["config"]["seed"] == b["config"]["seed"] == 0  # the data and the episodes stay --seed's
+    assert not torch.equal(a["model"]["0.weight"], b["model"]["0.weight"])  # the training seed differs
+    result = cli("--eval", out, cwd=str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith("seed 0: test accuracy: ") and lines[1].startswith("seed 1: test accuracy: ")
+    assert lines[2].startswith("mean over 2 seeds: ") and "std across seeds" in lines[2]
+    single = cli("--eval", os.path.join(out, "seed-1", "best.pt"), cwd=str(tmp_path))
+    assert single.stdout.split("test accuracy: ")[1] == lines[1].split("test accuracy: ")[1] + "\n"
+    bad = cli("--train", "conv4", "--out", str(tmp_path / "bad"), "--seeds", "0,x")
+    assert bad.returncode == 2 and "--seeds" in bad.stderr and "Traceback" not in bad.stderr
 
 
 def test_missing_or_corrupt_checkpoint_exits_2(tmp_path):

@@ -1,5 +1,6 @@
 """Meta-training one architecture for real (--train) with validation and checkpoints, and testing a
 checkpoint on fixed test episodes (--eval)."""
+import dataclasses
 import json
 import os
 import time
@@ -37,15 +38,43 @@ def load_checkpoint(path):
     return state
 
 
+def training_seed(cfg):
+    """The seed of the weights and of the training episodes: one of --seeds in a run of several, else --seed.
+    The data and the validation and test episodes always come from --seed, so runs of several seeds
+    are tested alike."""
+    return int(cfg.seeds) if cfg.seeds else cfg.seed
+
+
+def seed_runs(cfg):
+    """[(training seed, config of its run in OUT/seed-N)] for --seeds; [(None, cfg)] without it."""
+    if not cfg.seeds:
+        return [(None, cfg)]
+    return [(s, dataclasses.replace(cfg, seeds=str(s), out=os.path.join(cfg.out, f"seed-{s}")))
+            for s in parse_seeds(cfg.seeds)]
+
+
+def parse_seeds(text):
+    """'0,1,2' -> [0, 1, 2]; a ConfigError names what is wrong."""
+    try:
+        seeds = [int(part) for part in text.split(",")]
+    except ValueError:
+        raise ConfigError(f"--seeds {text!r} is not a comma-separated list of integers: write e.g. --seeds 0,1,2") \
+            from None
+    if len(set(seeds)) != len(seeds):
+        raise ConfigError(f"--seeds {text!r} names a seed twice: list each seed once")
+    return seeds
+
+
 class Trainer:
     """Meta-trains one architecture with maml.meta_train, validating, logging and checkpointing."""
 
     def __init__(self, cfg, arch, splits, device):
         self.cfg, self.arch = cfg, arch
-        torch.manual_seed(cfg.seed)
+        seed = training_seed(cfg)
+        torch.manual_seed(seed)
         self.model = build_model(cfg, arch).to(device)
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=cfg.meta_lr)
-        self.sampler = data.EpisodeSampler(splits["train"], cfg.ways, cfg.shots, cfg.queries, cfg.seed)
+        self.sampler = data.EpisodeSampler(splits["train"], cfg.ways, cfg.shots, cfg.queries, seed)
         self.val = data.fixed_episodes(splits["val"], cfg.ways, cfg.shots, cfg.queries, cfg.val_episodes,
                                        seed=cfg.seed + 1, batch=cfg.meta_batch)
         self.iteration, self.history, self.best = 0, [], None
@@ -128,6 +157,18 @@ def train(cfg, arch, splits, device):
           f"{cfg.shots}-shot on {cfg.data}, {cfg.train_iters} meta-iterations, device {device}")
     trainer.run()
     return trainer
+
+
+def checkpoints(path):
+    """[(label, checkpoint path)] for --eval: a checkpoint file, a --train folder (its best.pt), or a
+    folder of --seeds runs (each seed-N/best.pt)."""
+    if not os.path.isdir(path):
+        return [(None, path)]
+    runs = sorted((int(name[5:]), os.path.join(path, name, "best.pt")) for name in os.listdir(path)
+                  if name.startswith("seed-") and name[5:].lstrip("-").isdigit())
+    if runs:
+        return [(f"seed {s}", p) for s, p in runs]
+    return [(None, os.path.join(path, "best.pt"))]
 
 
 def checkpoint_accuracy(cfg, state, splits, device):
