@@ -1147,10 +1147,10 @@ def test_tiny_search_under_torchrun_matches_one_process(tmp_path):
     shared = torchrun("autometa.py", "--search", "--out", str(tmp_path / "two"), *TINY, timeout=300)
     assert shared.returncode == 0, shared.stderr
     one, two = (results(tmp_path / run / "search.jsonl", ignore=["seconds"]) for run in ("one", "two"))
-    assert two == one and len(one) == 5
+    assert two == one and len(one) == 3 + 3 + 1 + 2
     best = [json.loads((tmp_path / run / "best.json").read_text()) for run in ("one", "two")]
     assert [b["cell"] for b in best] == [best[0]["cell"]] * 2 and best[0]["accuracy"] == best[1]["accuracy"]
-    assert "shared among 2 processes" in shared.stdout and shared.stdout.count("[level") == 5
+    assert "shared among 2 processes" in shared.stdout and shared.stdout.count("[level") == 6
 
 
 # ---------------------------------------------------------------------------- fastcpu.py
