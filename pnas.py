@@ -12,8 +12,9 @@ no cell twice. This file needs torch and numpy alone::
 
     ops = ["conv_3x3", "max_pool_3x3", "identity"]
     log = pnas.SearchLog("search.jsonl", levels=5, total=21 + 4 * 8)
-    best = pnas.search(score, log, blocks=5, beam=8, ops=ops, first_cells=pnas.first_level(ops),
-                       predictor=pnas.Predictor(ops))
+    measured = pnas.search(score, log, blocks=5, beam=8, ops=ops, first_cells=pnas.first_level(ops),
+                           predictor=pnas.Predictor(ops))
+    best = pnas.best_of(measured)
 """
 import itertools
 import json
@@ -377,7 +378,8 @@ def record_key(record):
 def progress_line(level, blocks, i, n, record, eta, fresh=True):
     """One line per candidate: level, i/total, accuracy, seconds (or 'logged' when resumed), ETA of the search."""
     if record["status"] == "ok":
-        result = f"acc {100 * record['accuracy']:5.2f}% ± {100 * record['ci95']:5.2f}%"
+        result = f"acc {100 * record['accuracy']:5.2f}%" + (
+            f" ± {100 * record['ci95']:5.2f}%" if record.get("ci95") is not None else "")
     else:
         result = f"{record['status']}: {record.get('error', '')}"
     seconds = f"{record['seconds']:6.1f} s" if fresh else "  logged"
