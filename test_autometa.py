@@ -139,6 +139,31 @@ def test_functional_forward_equals_module_forward(arch):
     assert torch.allclose(functional_call(model, dict(model.named_parameters()), (x,)), model(x), atol=1e-6)
 
 
+COPIED_ALONE = """
+import torch, torch.nn as nn, maml, pnas
+net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4, track_running_stats=False), nn.ReLU(),
+                    nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3))
+batch = lambda: (torch.rand(2, 3, 3, 8, 8), torch.arange(3).expand(2, 3), torch.rand(2, 6, 3, 8, 8),
+                 torch.arange(3).repeat(2).expand(2, 6))
+maml.meta_train(net, torch.optim.Adam(net.parameters(), 1e-3), sample=batch, iterations=2, steps=1, lr=0.1)
+print(maml.evaluate(net, dict(net.named_parameters()), [batch()], steps=1, lr=0.1))
+ops = ["conv_3x3", "identity"]
+log = pnas.SearchLog("search.jsonl", levels=2, total=10 + 3, say=lambda line: None)
+measured = pnas.search(lambda cell: {"accuracy": len(cell) / 3}, log, blocks=2, beam=3, ops=ops,
+                       first_cells=pnas.first_level(ops), predictor=pnas.Predictor(ops, epochs=5))
+print(pnas.best_of(measured)["blocks"])
+"""
+
+
+def test_maml_and_pnas_work_when_copied_alone_into_another_project(tmp_path):
+    for name in ("maml.py", "pnas.py"):
+        (tmp_path / name).write_text(open(os.path.join(HERE, name)).read())
+    run = subprocess.run([sys.executable, "-c", COPIED_ALONE], cwd=tmp_path, capture_output=True, text=True,
+                         timeout=120, env=dict(os.environ, PYTHONPATH=str(tmp_path)))
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.splitlines()[-1] == "2"
+
+
 # ---------------------------------------------------------------------------- cells.py
 
 @pytest.mark.parametrize("op", list(cells.OPS))
