@@ -18,7 +18,6 @@ training.py (--train, --eval), team.py (torchrun), bench.py (--bench), report.py
 import argparse
 import dataclasses
 import json
-import math
 import os
 import statistics
 import sys
@@ -112,26 +111,14 @@ def search(cfg, device, job=None):
 
 
 def check_best(cfg, log, score, measured):
-    """Measure the seed noise, re-score the best cells on fresh episodes with new seeds, and write
-    best.json with the cell the re-scores choose: the search's own best score is the highest of many
-    noisy ones, on the episodes that chose it, so it is biased upward."""
-    level1 = sorted((r for r in measured if r["level"] == 1), key=lambda r: r["accuracy"])
-    spread = [level1[round(k * (len(level1) - 1) / max(cfg.noise - 1, 1))] for k in range(cfg.noise)]
-    pnas.rescore(log, score, [pnas.as_cell(r["cell"]) for r in spread], [1], "noise")
-    noise = pnas.seed_noise(log.records.values())
+    """The noise floor and the de-biased best (pnas.measure_noise, pnas.debiased_best); writes best.json."""
+    noise = pnas.measure_noise(log, score, measured, cfg.noise)
     if noise is not None:
+        spread = statistics.pstdev(r["accuracy"] for r in measured if r["level"] == 1)
         print(f"seed noise: a score moves by {100 * noise:.2f} points (std) with the training seed; level-1 scores "
-              f"spread by {100 * statistics.pstdev(r['accuracy'] for r in level1):.2f}")
-    top = sorted(measured, key=lambda r: (-r["accuracy"], r["blocks"]))[:max(cfg.rescore, 1)]
-    trials = list(range(1, cfg.rescore_seeds + 1)) if cfg.rescore else []
-    again = pnas.rescore(log, lambda cell, trial: score(cell, trial, fresh=True), [pnas.as_cell(r["cell"]) for r in top],
-                         trials, "rescore")
-    for r in top:
-        rows = again.get(pnas.cell_key(r["cell"])) or [r]  # no re-score (--rescore 0, or all failed): its own
-        r["rescore"] = {"accuracy": round(statistics.mean(x["accuracy"] for x in rows), 5),
-                        "ci95": round(math.sqrt(sum(x["ci95"] ** 2 for x in rows)) / len(rows), 5),
-                        "seeds": [x.get("seed") for x in rows]}
-    best = max(top, key=lambda r: (r["rescore"]["accuracy"], -r["blocks"]))
+              f"spread by {100 * spread:.2f}")
+    best = pnas.debiased_best(log, lambda cell, trial: score(cell, trial, fresh=True), measured, cfg.rescore,
+                              cfg.rescore_seeds)
     write_json(os.path.join(cfg.out, "best.json"), {"cell": best["cell"], "accuracy": best["accuracy"],
                                                     "ci95": best["ci95"], "rescore": best["rescore"],
                                                     "config": config_dict(cfg)})

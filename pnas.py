@@ -241,6 +241,31 @@ def rescore(log, score, cells, trials, role):
     return {k: [r for r in rows if r["status"] == "ok"] for k, rows in found.items()}
 
 
+def measure_noise(log, score, measured, n):
+    """Score `n` level-1 cells, spread over their ranking, again with another training seed on the same
+    episodes (role "noise"); returns seed_noise over the log (None if nothing was re-scored)."""
+    level1 = sorted((r for r in measured if r["level"] == 1), key=lambda r: r["accuracy"])
+    picked = [level1[round(k * (len(level1) - 1) / max(n - 1, 1))] for k in range(n)]
+    rescore(log, score, [as_cell(r["cell"]) for r in picked], [1], "noise")
+    return seed_noise(log.records.values())
+
+
+def debiased_best(log, score, measured, top, seeds):
+    """Re-score the `top` best measured cells with training seeds 1..`seeds` (score(cell, trial), on
+    fresh episodes) and return the best by re-score, with "rescore": {"accuracy", "ci95", "seeds"}.
+    The search's own best score is the highest of many noisy ones, on the episodes that chose it,
+    so it is biased upward; the re-score is not. With top 0, the search's best keeps its own score."""
+    candidates = sorted(measured, key=lambda r: (-r["accuracy"], r["blocks"]))[:max(top, 1)]
+    again = rescore(log, score, [as_cell(r["cell"]) for r in candidates], list(range(1, seeds + 1)) if top else [],
+                    "rescore")
+    for r in candidates:
+        rows = again.get(cell_key(r["cell"])) or [r]  # nothing re-scored (or every re-score failed): its own
+        r["rescore"] = {"accuracy": round(float(np.mean([x["accuracy"] for x in rows])), 5),
+                        "ci95": round(float(np.sqrt(sum(x["ci95"] ** 2 for x in rows))) / len(rows), 5),
+                        "seeds": [x.get("seed") for x in rows]}
+    return max(candidates, key=lambda r: (r["rescore"]["accuracy"], -r["blocks"]))
+
+
 def seed_noise(records):
     """The standard deviation of a score between training seeds, pooled over the cells scored with
     several seeds on the same episodes (role "noise" beside the search's own score); None if none."""
