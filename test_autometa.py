@@ -31,6 +31,12 @@ from team import Team
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
+def child_env(**settings):
+    """The environment of every command the tests start, the same in any shell: one thread (CPU results
+    depend on the thread count, and torchrun gives each process one) and no GPU. Commands run in HERE."""
+    return dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", **settings)
+
+
 # ---------------------------------------------------------------------------- maml.py
 
 class TinyNet(nn.Module):
@@ -556,7 +562,7 @@ def test_too_few_classes_or_images():
 
 def cli(*args, cwd=HERE):
     """Run the command line in a subprocess, as a user would."""
-    return subprocess.run([sys.executable, os.path.join(HERE, "autometa.py"), *args], cwd=cwd,
+    return subprocess.run([sys.executable, os.path.join(HERE, "autometa.py"), *args], cwd=cwd, env=child_env(),
                           capture_output=True, text=True, timeout=300)
 
 
@@ -757,7 +763,7 @@ def test_killed_search_resumes_to_the_same_log_and_best_cell(tmp_path):
     assert whole.returncode == 0, whole.stderr
     out = tmp_path / "killed"
     proc = subprocess.Popen([sys.executable, os.path.join(HERE, "autometa.py"), *args, "--out", str(out)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                            cwd=HERE, env=child_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     log = out / "search.jsonl"
     deadline = time.time() + 240
     while time.time() < deadline and (not log.exists() or log.read_text().count("\n") < 2):
@@ -909,7 +915,7 @@ def test_search_writes_its_report_after_every_level(tmp_path, monkeypatch):
 def torchrun(*args, timeout=120):
     """Run a torchrun job of 2 processes on this machine, as a user would."""
     return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", *args],
-                          cwd=HERE, capture_output=True, text=True, timeout=timeout)
+                          cwd=HERE, env=child_env(), capture_output=True, text=True, timeout=timeout)
 
 
 def torchrun_fake(out, **kw):
@@ -993,9 +999,7 @@ def test_a_hung_rank_fails_the_job_after_wait_minutes_with_a_clear_message(tmp_p
 
 
 def test_tiny_search_under_torchrun_matches_one_process(tmp_path):
-    one_thread = dict(os.environ, OMP_NUM_THREADS="1")  # torchrun's default: CPU scores depend on the thread count
-    alone = subprocess.run([sys.executable, "autometa.py", "--search", "--out", str(tmp_path / "one"), *TINY],
-                           cwd=HERE, capture_output=True, text=True, timeout=300, env=one_thread)
+    alone = cli("--search", "--out", str(tmp_path / "one"), *TINY)  # one thread, as each torchrun process
     assert alone.returncode == 0, alone.stderr
     shared = torchrun("autometa.py", "--search", "--out", str(tmp_path / "two"), *TINY, timeout=300)
     assert shared.returncode == 0, shared.stderr
@@ -1278,8 +1282,8 @@ print(min(faults[1:]))  # the quietest pass after the first
 def test_reused_memory_stops_the_page_faults_of_each_forward_pass():
     faults = {}
     for setting in ("default", "reuse"):
-        run = subprocess.run([sys.executable, "-c", PAGE_FAULTS, setting], cwd=HERE, capture_output=True, text=True,
-                             timeout=120)
+        run = subprocess.run([sys.executable, "-c", PAGE_FAULTS, setting], cwd=HERE, env=child_env(),
+                             capture_output=True, text=True, timeout=120)
         assert run.returncode == 0, run.stderr
         faults[setting] = int(run.stdout)
     assert faults["default"] > 10000  # every pass faults in fresh pages (4 KiB each) for its activations
