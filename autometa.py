@@ -31,7 +31,7 @@ import report
 import team
 import training
 from config import PRESETS, Config, ConfigError, check_resume, config_dict, field_help, make_config, pick_device
-from files import write_json
+from files import FolderError, hold, write_json, writing
 from scoring import make_scorer
 
 
@@ -80,42 +80,46 @@ def run_search(cfg):
 
 def search(cfg, device, job=None):
     """Search in this process alone, or as rank 0 of a torchrun job (`job`), which alone prints and writes."""
-    check_resume(cfg)
-    splits = data.splits_for(cfg, ("train", "val"))
-    if job is not None:
-        job.barrier()
-        print(f"candidates shared among {job.size} processes (torchrun)")
-    print(f"search: {cfg.blocks} blocks, beam {cfg.beam}, {cfg.ways}-way {cfg.shots}-shot on {cfg.data} "
-          f"({cfg.image_size}x{cfg.image_size}), {cfg.meta_iters} meta-iterations per candidate, device {device}")
-    start, first = time.time(), pnas.first_level(cfg.ops, cfg.max_first, cfg.seed)
-    log = pnas.SearchLog(os.path.join(cfg.out, "search.jsonl"), cfg.blocks, len(first) + cfg.beam * (cfg.blocks - 1),
-                         score_cells=pnas.score_each if job is None else job.score_all,
-                         workers=1 if job is None else job.size,
-                         on_level=lambda b, records: report.write_report(cfg.out, records, config_dict(cfg)))
-    best = pnas.search(make_scorer(cfg, splits, device), log, cfg.blocks, cfg.beam, cfg.ops, first,
-                       pnas.Predictor(cfg.blocks, cfg.ops, seed=cfg.seed))
-    write_json(os.path.join(cfg.out, "best.json"), {"cell": best["cell"], "accuracy": best["accuracy"],
-                                                    "ci95": best["ci95"], "config": config_dict(cfg)})
-    if job is not None:
-        job.dismiss()
-    print(f"best cell: {json.dumps(best['cell'])}")
-    print(f"validation accuracy {100 * best['accuracy']:.2f}% ± {100 * best['ci95']:.2f}% "
-          f"(chance {100 / cfg.ways:.0f}%), {best['params']} parameters")
-    print(f"results in {cfg.out}/: search.jsonl (every candidate), best.json (use with --train), "
-          f"report.md with report.png and best_cell.png; {time.time() - start:.0f} s")
+    with hold(cfg.out), writing(cfg.out, "--out"):  # rank 0 alone holds and writes --out
+        check_resume(cfg)
+        splits = data.splits_for(cfg, ("train", "val"))
+        if job is not None:
+            job.barrier()
+            print(f"candidates shared among {job.size} processes (torchrun)")
+        print(f"search: {cfg.blocks} blocks, beam {cfg.beam}, {cfg.ways}-way {cfg.shots}-shot on {cfg.data} "
+              f"({cfg.image_size}x{cfg.image_size}), {cfg.meta_iters} meta-iterations per candidate, device {device}")
+        start, first = time.time(), pnas.first_level(cfg.ops, cfg.max_first, cfg.seed)
+        log = pnas.SearchLog(os.path.join(cfg.out, "search.jsonl"), cfg.blocks,
+                             len(first) + cfg.beam * (cfg.blocks - 1),
+                             score_cells=pnas.score_each if job is None else job.score_all,
+                             workers=1 if job is None else job.size,
+                             on_level=lambda b, records: report.write_report(cfg.out, records, config_dict(cfg)))
+        best = pnas.search(make_scorer(cfg, splits, device), log, cfg.blocks, cfg.beam, cfg.ops, first,
+                           pnas.Predictor(cfg.blocks, cfg.ops, seed=cfg.seed))
+        write_json(os.path.join(cfg.out, "best.json"), {"cell": best["cell"], "accuracy": best["accuracy"],
+                                                        "ci95": best["ci95"], "config": config_dict(cfg)})
+        if job is not None:
+            job.dismiss()
+        print(f"best cell: {json.dumps(best['cell'])}")
+        print(f"validation accuracy {100 * best['accuracy']:.2f}% ± {100 * best['ci95']:.2f}% "
+              f"(chance {100 / cfg.ways:.0f}%), {best['params']} parameters")
+        print(f"results in {cfg.out}/: search.jsonl (every candidate), best.json (use with --train), "
+              f"report.md with report.png and best_cell.png; {time.time() - start:.0f} s")
 
 
 def run_train(cfg, arch_text):
     """The --train command: resumes from OUT/last.pt when it exists."""
     arch = cells.load_arch(arch_text)
     device = pick_device(cfg.device)
-    check_resume(cfg, "train")
-    splits = data.splits_for(cfg, ("train", "val"))
-    try:
-        trainer = training.train(cfg, arch, splits, device)
-    except KeyboardInterrupt:
-        print(f"interrupted: rerun the same command to resume from the last checkpoint in {cfg.out}", file=sys.stderr)
-        return 130
+    with hold(cfg.out), writing(cfg.out, "--out"):
+        check_resume(cfg, "train")
+        splits = data.splits_for(cfg, ("train", "val"))
+        try:
+            trainer = training.train(cfg, arch, splits, device)
+        except KeyboardInterrupt:
+            print(f"interrupted: rerun the same command to resume from the last checkpoint in {cfg.out}",
+                  file=sys.stderr)
+            return 130
     if trainer.iteration == cfg.train_iters and trainer.best is not None:
         print(f"best validation accuracy {100 * trainer.best['val_accuracy']:.2f}% at iteration "
               f"{trainer.best['iteration']}; checkpoints in {cfg.out}/ (best.pt, last.pt), log in train.jsonl")
@@ -148,8 +152,10 @@ def run_draw(arch_text, path):
     if cell == "conv4":
         raise cells.CellError("conv4 is MAML's fixed 4-layer network, not a cell: draw a cell such as autometa")
     title = None if arch_text.lstrip().startswith("[") else os.path.basename(arch_text)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    report.draw_cell(cell, path, title)
+    with writing(path, "--out"):
+        if os.path.dirname(path):
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+        report.draw_cell(cell, path, title)
     print(f"wrote {path}")
 
 
@@ -191,7 +197,7 @@ def main(argv=None):
         fastcpu.reuse_freed_memory()
     try:
         return run(args)
-    except (ConfigError, data.DataError, cells.CellError, pnas.LogError) as e:
+    except (ConfigError, data.DataError, cells.CellError, pnas.LogError, FolderError) as e:
         print(f"autometa: error: {e}", file=sys.stderr)
         return 2
     except pnas.SearchError as e:

@@ -113,8 +113,6 @@ def check_config(cfg):
                           f"{', '.join(cells.OPS)}")
     if cfg.ways < 2:
         raise ConfigError(f"--ways is {cfg.ways}: an episode needs at least 2 classes")
-    if os.path.exists(cfg.out) and not os.path.isdir(cfg.out):
-        raise ConfigError(f"--out {cfg.out} is a file: pass a folder (new, or one a previous run wrote)")
 
 
 def config_dict(cfg):

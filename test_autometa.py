@@ -1,11 +1,15 @@
 """Tests: each part against an independent reference. Run: python -m pytest -q"""
 import contextlib
+import errno
+import functools
 import json
 import os
 import pickle
 import random
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 
 import numpy as np
@@ -25,6 +29,7 @@ import maml
 import pnas
 import report
 import scoring
+import files
 from files import write_json
 from team import Team
 
@@ -35,6 +40,17 @@ def child_env(**settings):
     """The environment of every command the tests start, the same in any shell: one thread (CPU results
     depend on the thread count, and torchrun gives each process one) and no GPU. Commands run in HERE."""
     return dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", **settings)
+
+
+@contextlib.contextmanager
+def one_thread():
+    """Run torch here on one thread, as the commands the tests start do, for results compared with theirs."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 # ---------------------------------------------------------------------------- maml.py
@@ -780,6 +796,204 @@ def test_killed_search_resumes_to_the_same_log_and_best_cell(tmp_path):
         json.loads((tmp_path / "whole" / "best.json").read_text())["cell"]
 
 
+# ---------------------------------------------------------------------------- run folders (files.py)
+
+def test_out_or_cache_dir_under_a_file_exits_2_naming_the_file(tmp_path, capsys):
+    notes = tmp_path / "notes.txt"
+    notes.write_text("mine")
+    mini = make_csv_folder(tmp_path / "mini", np.random.default_rng(0))
+    for args, words in [(["--search", "--out", f"{notes}/run"], f"{notes} is a file, not a folder; pass --out"),
+                        (["--train", "conv4", "--out", f"{notes}/run"], f"{notes} is a file, not a folder"),
+                        (["--train", "conv4", "--out", str(notes)], f"cannot write {notes}: it is a file, not a folder"),
+                        (["--draw", "autometa", "--out", f"{notes}/cell.png"], f"{notes} is a file, not a folder"),
+                        (["--inspect", "--data", str(mini), "--cache-dir", f"{notes}/cache"],
+                         f"{notes} is a file, not a folder; pass --cache-dir a path outside it"),
+                        (["--inspect", "--data", str(mini), "--cache-dir", str(notes)],
+                         f"cannot write {notes}: it is a file, not a folder; pass --cache-dir a folder")]:
+        assert autometa.main(args) == 2
+        err = capsys.readouterr().err
+        assert words in err and len(err.strip().splitlines()) == 1, err
+    assert notes.read_text() == "mine"
+
+
+UNWRITABLE = r'''
+"""Make the folder spec["disk"] unwritable in the way spec["kind"] says, with the content of spec["src"]
+(a full disk keeps 16 KiB free: room for small files, not for a checkpoint); run each command line of
+spec["argvs"] with autometa.main; copy the disk to spec["after"]; print each exit status and stderr."""
+import builtins, contextlib, errno, io, json, os, shutil, subprocess, sys
+spec = json.loads(sys.argv[1])
+disk, kind, how = spec["disk"], spec["kind"], spec["how"]
+code = {"denied": errno.EACCES, "read-only": errno.EROFS, "full": errno.ENOSPC}[kind]
+
+
+def failing(call, writes):
+    """`call`, failing with `code` where it would write under the disk: a fault injected, for a machine
+    where no test may mount a file system."""
+    def wrapped(path, *args, **kwargs):
+        if isinstance(path, (str, os.PathLike)) and os.path.abspath(path).startswith(disk + os.sep) \
+                and writes(*args, **kwargs):
+            raise OSError(code, os.strerror(code), os.fspath(path))
+        return call(path, *args, **kwargs)
+    return wrapped
+
+
+def chmod_all(dirs, files):
+    for root, _, names in os.walk(disk):
+        os.chmod(root, dirs)
+        for name in names:
+            os.chmod(os.path.join(root, name), files)
+
+
+if how == "mount" and kind == "full":
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", disk], check=True)
+shutil.copytree(spec["src"], disk, dirs_exist_ok=True)
+if how == "chmod":  # really denied: the test dropped root's power to write anywhere
+    chmod_all(0o555, 0o444)
+elif how == "inject":
+    builtins.open = failing(builtins.open, lambda mode="r", *a, **k: any(c in mode for c in "wax+"))
+    os.open = failing(os.open, lambda flags, *a, **k: flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT))
+    os.mkdir = failing(os.mkdir, lambda *a, **k: True)
+elif kind == "read-only":  # the disk folder bound read-only onto itself, in this process's own mount namespace
+    subprocess.run(["mount", "--bind", disk, disk], check=True)
+    subprocess.run(["mount", "-o", "remount,bind,ro", disk], check=True)
+else:  # fill the small tmpfs to the last byte, then free 16 KiB
+    fd = os.open(os.path.join(disk, ".filler"), os.O_WRONLY | os.O_CREAT)
+    with contextlib.suppress(OSError):
+        while True:
+            os.write(fd, bytes(65536))
+    os.ftruncate(fd, os.fstat(fd).st_size - 16384)
+import autometa
+results = []
+for argv in spec["argvs"]:
+    err = io.StringIO()
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(err):
+        results.append({"status": autometa.main(argv), "err": err.getvalue()})
+if how == "chmod":
+    chmod_all(0o755, 0o644)
+shutil.copytree(disk, spec["after"], ignore=shutil.ignore_patterns(".filler"))
+print(json.dumps(results))
+'''
+UNSHARE = ["unshare", "--mount"] + ([] if os.geteuid() == 0 else ["--map-root-user"])
+# root writes anywhere: this drops that power (CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH) and runs the command
+WITHOUT_ROOTS_POWER = ("import ctypes, os, sys; prctl = ctypes.CDLL(None).prctl; "
+                       "assert all(prctl(24, cap, 0, 0, 0) == 0 for cap in (1, 2)); os.execv(sys.argv[1], sys.argv[1:])")
+
+
+@functools.cache
+def can_mount():
+    """Whether a test may mount a file system here, in a mount namespace of its own that nothing else sees."""
+    with tempfile.TemporaryDirectory() as folder:
+        return shutil.which("unshare") is not None and subprocess.run(
+            [*UNSHARE, "mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", folder], capture_output=True).returncode == 0
+
+
+def run_unwritable(kind, disk, src, after, argvs):
+    """Each command line of `argvs` on the folder `disk`, holding what `src` holds, made unwritable for real:
+    write permission taken away, or a read-only or full file system mounted where the machine allows it
+    (else an injected OSError); returns the commands' results, and leaves the disk's content in `after`."""
+    how = "chmod" if kind == "denied" else "mount" if can_mount() else "inject"
+    spec = json.dumps(dict(disk=str(disk), kind=kind, how=how, src=str(src), after=str(after), argvs=argvs))
+    command = [sys.executable, "-c", UNWRITABLE, spec]
+    if how == "mount":
+        command = [*UNSHARE, *command]
+    elif how == "chmod" and os.geteuid() == 0:
+        command = [sys.executable, "-c", WITHOUT_ROOTS_POWER, *command]
+    disk.mkdir()
+    run = subprocess.run(command, cwd=HERE, env=child_env(), capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    return json.loads(run.stdout.splitlines()[-1])
+
+
+def contents(*folders):
+    """relative path -> bytes of every file under `folders`, but the lock (which holds a process id)."""
+    return {os.path.relpath(os.path.join(root, name), folder): open(os.path.join(root, name), "rb").read()
+            for folder in folders for root, _, names in os.walk(folder) for name in names if name != files.LOCK}
+
+
+CELL = '[[1, "conv_3x3", 0, "max_pool_3x3"]]'
+
+
+def train_args(out, iters=6):
+    """--train of an inline cell with tiny settings, on the CPU."""
+    return ["--train", CELL, "--out", str(out), "--train-iters", str(iters), "--device", "cpu", *TRAIN]
+
+
+@pytest.fixture(scope="module")
+def whole_training(tmp_path_factory):
+    """An uninterrupted --train of 6 iterations, on one thread like the commands the tests start."""
+    out = tmp_path_factory.mktemp("whole") / "run"
+    with one_thread():
+        assert autometa.main(train_args(out)) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def half_training(tmp_path_factory):
+    """The same --train stopped after its first checkpoint, at iteration 3 of 6."""
+    out = tmp_path_factory.mktemp("half") / "run"
+    with one_thread():
+        assert autometa.main(train_args(out, iters=3)) == 0
+    return out
+
+
+def assert_same_training(out, whole):
+    """`out` holds what the uninterrupted run left in `whole`: the same weights, history and log rows."""
+    for name in ("last.pt", "best.pt"):
+        a, b = (torch.load(os.path.join(folder, name), weights_only=True) for folder in (out, whole))
+        assert (a["iteration"], a["history"], a["best"]) == (b["iteration"], b["history"], b["best"]), name
+        for key in a["model"]:
+            assert torch.equal(a["model"][key], b["model"][key]), (name, key)
+    rows = [[{k: v for k, v in r.items() if k != "seconds"} for r in read_lines(os.path.join(folder, "train.jsonl"))]
+            for folder in (out, whole)]
+    assert rows[0] == rows[1]
+
+
+@pytest.mark.parametrize("kind, words", [("denied", "permission denied"), ("read-only", "the file system is read-only"),
+                                         ("full", "no space left on the device")])
+def test_unwritable_out_or_cache_dir_exits_2_and_keeps_what_is_there(tmp_path, half_training, whole_training,
+                                                                       kind, words):
+    src, disk = tmp_path / "src", tmp_path / "disk"
+    shutil.copytree(half_training, src / "run")
+    (src / "cache").mkdir()
+    (src / "cache" / "old.npz").write_bytes(b"a cache of another image size")
+    mini = make_csv_folder(tmp_path / "mini", np.random.default_rng(0))
+    commands = {"run": train_args(disk / "run"), "new": train_args(disk / "new"),  # resumed, and new
+                "cache": ["--inspect", "--data", str(mini), "--cache-dir", str(disk / "cache"), "--image-size", "64"]}
+    results = run_unwritable(kind, disk, src, tmp_path / "after", list(commands.values()))
+    for folder, result in zip(commands, results):
+        assert result["status"] == 2 and len(result["err"].strip().splitlines()) == 1, result["err"]
+        assert f"cannot write {disk / folder}" in result["err"] and words in result["err"], result["err"]
+    kept = contents(tmp_path / "after" / "run", tmp_path / "after" / "cache")
+    for name, content in contents(src / "run", src / "cache").items():  # unchanged, or a log with rows added
+        assert kept[name] == content or (name.endswith(".jsonl") and kept[name].startswith(content)), name
+    with one_thread():  # the disk writable again, the same command goes on from what was kept
+        assert autometa.main(train_args(tmp_path / "after" / "run")) == 0
+    assert_same_training(tmp_path / "after" / "run", whole_training)
+
+
+def test_a_full_disk_during_a_search_exits_2_and_the_same_command_goes_on(tmp_path, monkeypatch, capsys):
+    # The log's write names no file, as on a real full disk; cells are scored by fake_accuracy, not trained.
+    monkeypatch.setattr(data, "splits_for", lambda cfg, needed: None)
+    monkeypatch.setattr(autometa, "make_scorer", lambda cfg, splits, device: lambda cell: dict(
+        accuracy=fake_accuracy(cell), ci95=0.01, params=1))
+    append = pnas.SearchLog.append
+
+    def append_until_full(log, record):
+        if len(log.records) == 2:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        append(log, record)
+    monkeypatch.setattr(pnas.SearchLog, "append", append_until_full)
+    out = tmp_path / "run"
+    assert autometa.main(["--search", "--out", str(out), *TINY]) == 2
+    err = capsys.readouterr().err
+    assert f"cannot write {out}: no space left on the device" in err and len(err.strip().splitlines()) == 1
+    kept = read_lines(out / "search.jsonl")
+    assert len(kept) == 2
+    monkeypatch.setattr(pnas.SearchLog, "append", append)
+    assert autometa.main(["--search", "--out", str(out), *TINY]) == 0
+    assert read_lines(out / "search.jsonl")[:2] == kept and len(read_lines(out / "search.jsonl")) == 5
+
+
 # ---------------------------------------------------------------------------- report.py
 
 REPORT_CONFIG = {"ways": 5, "shots": 1, "blocks": 3, "data": "synthetic", "image_size": 28, "meta_iters": 60,
@@ -1001,6 +1215,10 @@ def test_a_hung_rank_fails_the_job_after_wait_minutes_with_a_clear_message(tmp_p
 def test_tiny_search_under_torchrun_matches_one_process(tmp_path):
     alone = cli("--search", "--out", str(tmp_path / "one"), *TINY)  # one thread, as each torchrun process
     assert alone.returncode == 0, alone.stderr
+    with files.hold(str(tmp_path / "two")):  # while another run (this process) holds --out, rank 0 refuses it
+        refused = torchrun("autometa.py", "--search", "--out", str(tmp_path / "two"), *TINY, timeout=300)
+    assert refused.returncode != 0 and f"in use by another run (process {os.getpid()})" in refused.stderr
+    assert not (tmp_path / "two" / "search.jsonl").exists()
     shared = torchrun("autometa.py", "--search", "--out", str(tmp_path / "two"), *TINY, timeout=300)
     assert shared.returncode == 0, shared.stderr
     one, two = (results(tmp_path / run / "search.jsonl", ignore=["seconds"]) for run in ("one", "two"))

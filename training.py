@@ -1,5 +1,6 @@
 """Meta-training one architecture for real (--train) with validation and checkpoints, and testing a
 checkpoint on fixed test episodes (--eval)."""
+import io
 import json
 import os
 import time
@@ -17,8 +18,11 @@ from scoring import build_model
 
 
 def save_checkpoint(path, state):
-    """torch.save atomically, so a kill never leaves half a checkpoint."""
-    atomic_write(path, lambda f: torch.save(state, f))
+    """torch.save atomically, so a kill never leaves half a checkpoint. It is serialized in memory first:
+    torch.save into a file turns the OSError of a full disk into a RuntimeError that names no file."""
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    atomic_write(path, lambda f: f.write(buffer.getbuffer()))
 
 
 def load_checkpoint(path):
