@@ -30,7 +30,8 @@ import pnas
 import report
 import team
 import training
-from config import PRESETS, Config, ConfigError, check_resume, config_dict, field_help, make_config, pick_device
+from config import (PRESETS, Config, ConfigError, check_resume, config_dict, field_help, make_config, pick_device,
+                    train_out)
 from files import FolderError, hold, write_json, writing
 from scoring import make_scorer
 
@@ -181,7 +182,7 @@ def run(args):
         run_inspect(cfg)
     elif args.train is not None:
         if args.out is None:
-            cfg.out = os.path.join("runs", "train-" + os.path.splitext(os.path.basename(args.train))[0])
+            cfg.out = train_out(args.train)
         return run_train(cfg, args.train)
     elif args.draw is not None:
         run_draw(args.draw, args.out)

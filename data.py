@@ -72,7 +72,8 @@ def load_splits(source: str, image_size: int | None = None, cache_dir: str | Non
         return synthetic_splits(image_size, seed)
     root = Path(source).expanduser().resolve()
     if not root.is_dir():
-        raise DataError(f"data folder {source} does not exist: pass --data synthetic or a folder in "
+        problem = "is a file, not a folder" if root.exists() else "does not exist"
+        raise DataError(f"data folder {source} {problem}: pass --data synthetic or a folder in "
                         f"one of the supported layouts ({LAYOUTS})")
     layout = detect_layout(root)
     cache = Path(cache_dir).expanduser() if cache_dir else Path.home() / '.cache' / 'autometa'

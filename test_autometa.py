@@ -638,6 +638,7 @@ def test_synthetic_data_is_learnable_by_maml():
 
 @pytest.mark.parametrize("args, words", [
     (["--search", "--data", "/no/such/folder"], "does not exist"),
+    (["--search", "--data", os.path.join(HERE, "README.md")], "is a file, not a folder"),
     (["--search", "--blocks", "0"], "--blocks is 0"),
     (["--search", "--channels", "-4"], "--channels is -4"),
     (["--search", "--ways", "30"], "--ways"),
@@ -992,6 +993,41 @@ def test_a_full_disk_during_a_search_exits_2_and_the_same_command_goes_on(tmp_pa
     monkeypatch.setattr(pnas.SearchLog, "append", append)
     assert autometa.main(["--search", "--out", str(out), *TINY]) == 0
     assert read_lines(out / "search.jsonl")[:2] == kept and len(read_lines(out / "search.jsonl")) == 5
+
+
+def test_train_and_draw_read_every_form_of_an_architecture(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)  # where --train's default --out, runs/train-NAME, goes
+    (tmp_path / "mine.json").write_text(json.dumps([[0, "identity", 1, "conv_3x3"]]))
+    (tmp_path / "best.json").write_text(json.dumps({"cell": [[1, "avg_pool_3x3", 1, "conv_3x3"]], "accuracy": 0.5}))
+    forms = {"autometa": "train-autometa", "mine.json": "train-mine", "best.json": "train-best",
+             '[[1, "conv_3x3", 0, "identity"]]': "train-cell"}
+    for arch, out in forms.items():
+        with one_thread():
+            assert autometa.main(["--train", arch, "--train-iters", "1", "--val-every", "1", *TRAIN]) == 0
+        state = torch.load(tmp_path / "runs" / out / "last.pt", weights_only=True)
+        assert cells.load_arch(state["arch"]) == cells.load_arch(arch)
+        for _ in range(2):  # drawn anew over an older picture
+            assert autometa.main(["--draw", arch, "--out", f"{out}.png"]) == 0
+        assert_picture(tmp_path / f"{out}.png")
+    capsys.readouterr()
+    unknown = '[[1, "conv_3x3", 0, "conv_9x9"]]'
+    for args in (["--train", unknown], ["--draw", unknown, "--out", "unknown.png"]):
+        assert autometa.main(args) == 2
+        err = capsys.readouterr().err
+        assert "unknown op 'conv_9x9'" in err and len(err.strip().splitlines()) == 1
+    assert sorted(os.listdir(tmp_path / "runs")) == sorted(forms.values())
+
+
+def test_eval_of_an_architecture_or_a_folder_says_what_to_pass(tmp_path, capsys):
+    best = tmp_path / "best.json"
+    best.write_text(json.dumps({"cell": [[1, "conv_3x3", 0, "identity"]], "accuracy": 0.5}))
+    for path, words in [(str(best), f"--train {best}, then pass --eval {os.path.join('runs', 'train-best', 'best.pt')}"),
+                        ("conv4", "meta-train it first with --train conv4"),
+                        ('[[1, "conv_3x3", 0, "identity"]]', os.path.join("runs", "train-cell", "best.pt")),
+                        (str(tmp_path), "is a folder, not a checkpoint")]:
+        assert autometa.main(["--eval", path]) == 2
+        err = capsys.readouterr().err
+        assert words in err and len(err.strip().splitlines()) == 1, err
 
 
 # ---------------------------------------------------------------------------- report.py

@@ -12,7 +12,7 @@ import data
 import fastcpu
 import maml
 import report
-from config import ConfigError, config_dict
+from config import ConfigError, config_dict, train_out
 from files import atomic_write
 from scoring import build_model
 
@@ -28,17 +28,35 @@ def save_checkpoint(path, state):
 def load_checkpoint(path):
     """A checkpoint written by --train; a missing or unreadable file is a ConfigError."""
     if not os.path.isfile(path):
-        raise ConfigError(f"checkpoint {path} does not exist: pass a best.pt or last.pt written by --train")
+        raise ConfigError(not_a_checkpoint(path) or f"checkpoint {path} does not exist: pass a best.pt or last.pt "
+                          "written by --train")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch.load raises many types for a damaged file
-        raise ConfigError(f"checkpoint {path} cannot be read ({type(e).__name__}): it is damaged or not a "
-                          "torch file; use another checkpoint or retrain with --train") from e
+        raise ConfigError(not_a_checkpoint(path) or f"checkpoint {path} cannot be read ({type(e).__name__}): it "
+                          "is damaged or not a torch file; use another checkpoint or retrain with --train") from e
     missing = {"model", "config", "arch", "iteration"} - set(state) if isinstance(state, dict) else {"model"}
     if missing:
         raise ConfigError(f"{path} is not an autometa checkpoint (no {', '.join(sorted(missing))}): "
                           "pass a best.pt or last.pt written by --train")
     return state
+
+
+def not_a_checkpoint(path):
+    """What to do instead when `path` is a folder or an architecture (a search's best.json, a cell) rather
+    than a checkpoint; None otherwise."""
+    if os.path.isdir(path):
+        return f"{path} is a folder, not a checkpoint: pass the best.pt or last.pt that --train wrote in it"
+    if os.path.isfile(path):
+        with open(path, "rb") as f:
+            if f.read(64).lstrip()[:1] not in (b"[", b"{"):  # not JSON: a damaged checkpoint, maybe
+                return None
+    try:
+        cells.load_arch(path)
+    except (cells.CellError, OSError):
+        return None
+    return (f"{path} is an architecture, not a checkpoint: meta-train it first with --train {path}, then pass "
+            f"--eval {os.path.join(train_out(path), 'best.pt')}")
 
 
 class Trainer:
