@@ -995,6 +995,74 @@ def test_a_full_disk_during_a_search_exits_2_and_the_same_command_goes_on(tmp_pa
     assert read_lines(out / "search.jsonl")[:2] == kept and len(read_lines(out / "search.jsonl")) == 5
 
 
+STOP_AT = r'''
+"""--train that stops itself (SIGSTOP) at a chosen point, for the test to SIGKILL it there: after row
+`at` of train.jsonl (point "row"), or halfway through writing the file `point` for the `at`-th time."""
+import io, os, signal, sys
+import autometa, training
+
+point, at = sys.argv[1], int(sys.argv[2])
+on_step, atomic_write, written = training.Trainer.on_step, training.atomic_write, []
+
+
+def stop():
+    os.kill(os.getpid(), signal.SIGSTOP)
+
+
+def on_step_then_stop(trainer, i, loss, accuracy):
+    on_step(trainer, i, loss, accuracy)
+    if point == "row" and trainer.iteration == at:
+        stop()
+
+
+def stop_halfway(path, write):
+    written.append(os.path.basename(path))
+    if written[-1] != point or written.count(point) != at:
+        return atomic_write(path, write)
+
+    def half(f):
+        whole = io.BytesIO()
+        write(whole)
+        f.write(whole.getvalue()[:len(whole.getvalue()) // 2])
+        f.flush()
+        stop()
+    atomic_write(path, half)
+
+
+training.Trainer.on_step, training.atomic_write = on_step_then_stop, stop_halfway
+sys.exit(autometa.main(sys.argv[3:]))
+'''
+
+
+@pytest.mark.parametrize("point, at, last", [("row", 2, None), ("row", 4, 3), ("best.pt", 1, None), ("last.pt", 2, 3)],
+                         ids=["before-any-checkpoint", "between-checkpoints", "mid-first-checkpoint",
+                              "mid-last-checkpoint"])
+def test_train_killed_anywhere_holds_its_folder_till_then_and_resumes_to_the_same_weights(
+        tmp_path, capsys, whole_training, point, at, last):
+    out = tmp_path / "run"
+    with open(tmp_path / "stderr", "w") as stderr:
+        child = subprocess.Popen([sys.executable, "-c", STOP_AT, point, str(at), *train_args(out)], cwd=HERE,
+                                 env=child_env(), stdout=subprocess.DEVNULL, stderr=stderr)
+    try:
+        _, status = os.waitpid(child.pid, os.WUNTRACED)
+        assert os.WIFSTOPPED(status), (tmp_path / "stderr").read_text()
+        # where it stopped: last.pt of iteration `last` (or none yet), and a half-written file mid-checkpoint
+        checkpoint = torch.load(out / "last.pt", weights_only=True) if (out / "last.pt").exists() else {}
+        assert checkpoint.get("iteration") == last
+        assert any(name.endswith(files.PARTIAL) for name in os.listdir(out)) == (point != "row")
+        for other in (["--search", "--out", str(out)], train_args(out)):  # no second run on a live run's folder
+            assert autometa.main(other) == 2
+            err = capsys.readouterr().err
+            assert f"{out} is in use by another run (process {child.pid})" in err and len(err.splitlines()) == 1
+    finally:
+        child.kill()
+        child.wait()
+    with one_thread():  # the same command, with no clean-up in between
+        assert autometa.main(train_args(out)) == 0
+    assert_same_training(out, whole_training)
+    assert not [name for name in os.listdir(out) if name.endswith(files.PARTIAL)]
+
+
 def test_train_and_draw_read_every_form_of_an_architecture(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)  # where --train's default --out, runs/train-NAME, goes
     (tmp_path / "mine.json").write_text(json.dumps([[0, "identity", 1, "conv_3x3"]]))

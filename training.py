@@ -81,14 +81,19 @@ class Trainer:
                 "torch_rng": torch.get_rng_state()}
 
     def restore(self, state):
-        """Continue from a last.pt; train.jsonl rows written after it are dropped."""
+        """Continue from a last.pt."""
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.iteration, self.history, self.best = state["iteration"], state["history"], state["best"]
         self.sampler.rng.bit_generator.state = state["sampler_rng"]
         torch.set_rng_state(state["torch_rng"])
+
+    def trim_log(self):
+        """Drop the rows of train.jsonl after the current iteration: a killed run logs beyond its last
+        checkpoint (or before its first), and the rerun logs those iterations again."""
         rows = [r for r in self.rows() if r["iteration"] <= self.iteration]
-        atomic_write(self.log_path, lambda f: f.write("".join(json.dumps(r) + "\n" for r in rows).encode()))
+        if os.path.exists(self.log_path):
+            atomic_write(self.log_path, lambda f: f.write("".join(json.dumps(r) + "\n" for r in rows).encode()))
 
     def rows(self):
         """The complete rows of train.jsonl."""
@@ -146,6 +151,7 @@ def train(cfg, arch, splits, device):
             raise ConfigError(f"{cfg.out} holds training of another architecture: pass a new --out to start fresh")
         trainer.restore(state)
         print(f"resuming from {last} at iteration {trainer.iteration}")
+    trainer.trim_log()
     print(f"train: {cells.arch_name(arch)}, {cells.count_parameters(trainer.model)} parameters, {cfg.ways}-way "
           f"{cfg.shots}-shot on {cfg.data}, {cfg.train_iters} meta-iterations, device {device}")
     trainer.run()
