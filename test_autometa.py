@@ -973,10 +973,13 @@ def test_unwritable_out_or_cache_dir_exits_2_and_keeps_what_is_there(tmp_path, h
 
 
 def test_a_full_disk_during_a_search_exits_2_and_the_same_command_goes_on(tmp_path, monkeypatch, capsys):
-    # The log's write names no file, as on a real full disk; cells are scored by fake_accuracy, not trained.
+    # The log's write names no file, as on a real full disk. Only the wiring is tested: cells are scored by
+    # fake_accuracy, not trained, and the predictor is a cheap one.
     monkeypatch.setattr(data, "splits_for", lambda cfg, needed: None)
     monkeypatch.setattr(autometa, "make_scorer", lambda cfg, splits, device: lambda cell: dict(
         accuracy=fake_accuracy(cell), ci95=0.01, params=1))
+    predictor = pnas.Predictor
+    monkeypatch.setattr(pnas, "Predictor", lambda blocks, ops, seed: predictor(blocks, ops, members=1, epochs=20))
     append = pnas.SearchLog.append
 
     def append_until_full(log, record):
