@@ -31,8 +31,9 @@ import pnas
 import report
 import team
 import training
-from config import PRESETS, Config, ConfigError, check_resume, config_dict, field_help, make_config, pick_device
-from files import write_json
+from config import (PRESETS, Config, ConfigError, check_resume, config_dict, field_help, make_config, pick_device,
+                    train_out)
+from files import FolderError, hold, write_json, writing
 from scoring import make_scorer
 
 
@@ -81,6 +82,12 @@ def run_search(cfg):
 
 def search(cfg, device, job=None):
     """Search in this process alone, or as rank 0 of a torchrun job (`job`), which alone prints and writes."""
+    with hold(cfg.out), writing(cfg.out, "--out"):  # rank 0 alone holds and writes --out
+        search_here(cfg, device, job)
+
+
+def search_here(cfg, device, job):
+    """The search itself, with --out held: levels, noise floor, re-scores, best.json and the report."""
     check_resume(cfg)
     splits = data.splits_for(cfg, ("train", "val"))
     if job is not None:
@@ -133,13 +140,14 @@ def run_train(cfg, arch_text):
     for seed, run in training.seed_runs(cfg):
         if seed is not None:
             print(f"--- training seed {seed}: {run.out}")
-        check_resume(run, "train")
-        try:
-            trainer = training.train(run, arch, data.splits_for(run, ("train", "val")), device)
-        except KeyboardInterrupt:
-            print(f"interrupted: rerun the same command to resume from the last checkpoint in {run.out}",
-                  file=sys.stderr)
-            return 130
+        with hold(run.out), writing(run.out, "--out"):
+            check_resume(run, "train")
+            try:
+                trainer = training.train(run, arch, data.splits_for(run, ("train", "val")), device)
+            except KeyboardInterrupt:
+                print(f"interrupted: rerun the same command to resume from the last checkpoint in {run.out}",
+                      file=sys.stderr)
+                return 130
         if trainer.iteration == run.train_iters and trainer.best is not None:
             print(f"best validation accuracy {100 * trainer.best['val_accuracy']:.2f}% at iteration "
                   f"{trainer.best['iteration']}; checkpoints in {run.out}/ (best.pt, last.pt), log in train.jsonl")
@@ -181,8 +189,10 @@ def run_draw(arch_text, path):
     if cell == "conv4":
         raise cells.CellError("conv4 is MAML's fixed 4-layer network, not a cell: draw a cell such as autometa")
     title = None if arch_text.lstrip().startswith("[") else os.path.basename(arch_text)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    report.draw_cell(cell, path, title)
+    with writing(path, "--out"):
+        if os.path.dirname(path):
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+        report.draw_cell(cell, path, title)
     print(f"wrote {path}")
 
 
@@ -208,7 +218,7 @@ def run(args):
         run_inspect(cfg)
     elif args.train is not None:
         if args.out is None:
-            cfg.out = os.path.join("runs", "train-" + os.path.splitext(os.path.basename(args.train))[0])
+            cfg.out = train_out(args.train)
         return run_train(cfg, args.train)
     elif args.draw is not None:
         run_draw(args.draw, args.out)
@@ -224,7 +234,7 @@ def main(argv=None):
         fastcpu.reuse_freed_memory()
     try:
         return run(args)
-    except (ConfigError, data.DataError, cells.CellError, pnas.LogError) as e:
+    except (ConfigError, data.DataError, cells.CellError, pnas.LogError, FolderError) as e:
         print(f"autometa: error: {e}", file=sys.stderr)
         return 2
     except pnas.SearchError as e:

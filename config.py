@@ -124,8 +124,13 @@ def check_config(cfg):
         raise ConfigError(f"--sampler is {cfg.sampler!r}: use predictor or random")
     if cfg.ways < 2:
         raise ConfigError(f"--ways is {cfg.ways}: an episode needs at least 2 classes")
-    if os.path.exists(cfg.out) and not os.path.isdir(cfg.out):
-        raise ConfigError(f"--out {cfg.out} is a file: pass a folder (new, or one a previous run wrote)")
+
+
+def train_out(arch_text):
+    """--train's default --out: runs/train-NAME, NAME being the built-in's or the JSON file's name, or
+    'cell' for an inline cell."""
+    name = "cell" if arch_text.lstrip().startswith("[") else os.path.splitext(os.path.basename(arch_text))[0]
+    return os.path.join("runs", "train-" + name)
 
 
 def config_dict(cfg):

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from files import atomic_write
+from files import atomic_write, writing
 
 SPLITS = ('train', 'val', 'test')
 SPLIT_NAMES = {'train': ('train',), 'val': ('val', 'validation'), 'test': ('test',)}  # accepted file names
@@ -72,7 +72,8 @@ def load_splits(source: str, image_size: int | None = None, cache_dir: str | Non
         return synthetic_splits(image_size, seed)
     root = Path(source).expanduser().resolve()
     if not root.is_dir():
-        raise DataError(f"data folder {source} does not exist: pass --data synthetic or a folder in "
+        problem = "is a file, not a folder" if root.exists() else "does not exist"
+        raise DataError(f"data folder {source} {problem}: pass --data synthetic or a folder in "
                         f"one of the supported layouts ({LAYOUTS})")
     layout = detect_layout(root)
     cache = Path(cache_dir).expanduser() if cache_dir else Path.home() / '.cache' / 'autometa'
@@ -356,7 +357,9 @@ def _read_cache(path: Path, name: str) -> Split | None:
 
 
 def _write_cache(path: Path, split: Split) -> None:
-    """Write split to path atomically, so a kill never leaves half a cache file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(path, lambda f: np.savez(f, images=split.images, labels=split.labels,
-                                          classes=np.array(split.classes)))
+    """Write split to path atomically, so a kill never leaves half a cache file; a failure to write
+    is a FolderError naming the file and the fix."""
+    with writing(path.parent, '--cache-dir'):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(path, lambda f: np.savez(f, images=split.images, labels=split.labels,
+                                              classes=np.array(split.classes)))

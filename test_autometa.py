@@ -1,12 +1,16 @@
 """Tests: each part against an independent reference. Run: python -m pytest -q"""
 import contextlib
+import errno
+import functools
 import itertools
 import json
 import os
 import pickle
 import random
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 
 import numpy as np
@@ -26,10 +30,28 @@ import maml
 import pnas
 import report
 import scoring
+import files
 from files import write_json
 from team import Team
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def child_env(**settings):
+    """The environment of every command the tests start, the same in any shell: one thread (CPU results
+    depend on the thread count, and torchrun gives each process one) and no GPU. Commands run in HERE."""
+    return dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", **settings)
+
+
+@contextlib.contextmanager
+def one_thread():
+    """Run torch here on one thread, as the commands the tests start do, for results compared with theirs."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 # ---------------------------------------------------------------------------- maml.py
@@ -703,7 +725,7 @@ def test_too_few_classes_or_images():
 
 def cli(*args, cwd=HERE):
     """Run the command line in a subprocess, as a user would."""
-    return subprocess.run([sys.executable, os.path.join(HERE, "autometa.py"), *args], cwd=cwd,
+    return subprocess.run([sys.executable, os.path.join(HERE, "autometa.py"), *args], cwd=cwd, env=child_env(),
                           capture_output=True, text=True, timeout=300)
 
 
@@ -771,6 +793,7 @@ def test_synthetic_data_is_learnable_by_maml():
 
 @pytest.mark.parametrize("args, words", [
     (["--search", "--data", "/no/such/folder"], "does not exist"),
+    (["--search", "--data", os.path.join(HERE, "README.md")], "is a file, not a folder"),
     (["--search", "--blocks", "0"], "--blocks is 0"),
     (["--search", "--channels", "-4"], "--channels is -4"),
     (["--search", "--ways", "30"], "--ways"),
@@ -929,7 +952,7 @@ def test_killed_search_resumes_to_the_same_log_and_best_cell(tmp_path):
     assert whole.returncode == 0, whole.stderr
     out = tmp_path / "killed"
     proc = subprocess.Popen([sys.executable, os.path.join(HERE, "autometa.py"), *args, "--out", str(out)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                            cwd=HERE, env=child_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     log = out / "search.jsonl"
     deadline = time.time() + 240
     while time.time() < deadline and (not log.exists() or log.read_text().count("\n") < 2):
@@ -944,6 +967,310 @@ def test_killed_search_resumes_to_the_same_log_and_best_cell(tmp_path):
     assert scores(log) == scores(tmp_path / "whole" / "search.jsonl")  # none lost, none duplicated, same scores
     assert json.loads((out / "best.json").read_text())["cell"] == \
         json.loads((tmp_path / "whole" / "best.json").read_text())["cell"]
+
+
+# ---------------------------------------------------------------------------- run folders (files.py)
+
+def test_out_or_cache_dir_under_a_file_exits_2_naming_the_file(tmp_path, capsys):
+    notes = tmp_path / "notes.txt"
+    notes.write_text("mine")
+    mini = make_csv_folder(tmp_path / "mini", np.random.default_rng(0))
+    for args, words in [(["--search", "--out", f"{notes}/run"], f"{notes} is a file, not a folder; pass --out"),
+                        (["--train", "conv4", "--out", f"{notes}/run"], f"{notes} is a file, not a folder"),
+                        (["--train", "conv4", "--out", str(notes)], f"cannot write {notes}: it is a file, not a folder"),
+                        (["--draw", "autometa", "--out", f"{notes}/cell.png"], f"{notes} is a file, not a folder"),
+                        (["--inspect", "--data", str(mini), "--cache-dir", f"{notes}/cache"],
+                         f"{notes} is a file, not a folder; pass --cache-dir a path outside it"),
+                        (["--inspect", "--data", str(mini), "--cache-dir", str(notes)],
+                         f"cannot write {notes}: it is a file, not a folder; pass --cache-dir a folder")]:
+        assert autometa.main(args) == 2
+        err = capsys.readouterr().err
+        assert words in err and len(err.strip().splitlines()) == 1, err
+    assert notes.read_text() == "mine"
+
+
+UNWRITABLE = r'''
+"""Make the folder spec["disk"] unwritable in the way spec["kind"] says, with the content of spec["src"]
+(a full disk keeps 16 KiB free: room for small files, not for a checkpoint); run each command line of
+spec["argvs"] with autometa.main; copy the disk to spec["after"]; print each exit status and stderr."""
+import builtins, contextlib, errno, io, json, os, shutil, subprocess, sys
+spec = json.loads(sys.argv[1])
+disk, kind, how = spec["disk"], spec["kind"], spec["how"]
+code = {"denied": errno.EACCES, "read-only": errno.EROFS, "full": errno.ENOSPC}[kind]
+
+
+def failing(call, writes):
+    """`call`, failing with `code` where it would write under the disk: a fault injected, for a machine
+    where no test may mount a file system."""
+    def wrapped(path, *args, **kwargs):
+        if isinstance(path, (str, os.PathLike)) and os.path.abspath(path).startswith(disk + os.sep) \
+                and writes(*args, **kwargs):
+            raise OSError(code, os.strerror(code), os.fspath(path))
+        return call(path, *args, **kwargs)
+    return wrapped
+
+
+def chmod_all(dirs, files):
+    for root, _, names in os.walk(disk):
+        os.chmod(root, dirs)
+        for name in names:
+            os.chmod(os.path.join(root, name), files)
+
+
+if how == "mount" and kind == "full":
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", disk], check=True)
+shutil.copytree(spec["src"], disk, dirs_exist_ok=True)
+if how == "chmod":  # really denied: the test dropped root's power to write anywhere
+    chmod_all(0o555, 0o444)
+elif how == "inject":
+    builtins.open = failing(builtins.open, lambda mode="r", *a, **k: any(c in mode for c in "wax+"))
+    os.open = failing(os.open, lambda flags, *a, **k: flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT))
+    os.mkdir = failing(os.mkdir, lambda *a, **k: True)
+elif kind == "read-only":  # the disk folder bound read-only onto itself, in this process's own mount namespace
+    subprocess.run(["mount", "--bind", disk, disk], check=True)
+    subprocess.run(["mount", "-o", "remount,bind,ro", disk], check=True)
+else:  # fill the small tmpfs to the last byte, then free 16 KiB
+    fd = os.open(os.path.join(disk, ".filler"), os.O_WRONLY | os.O_CREAT)
+    with contextlib.suppress(OSError):
+        while True:
+            os.write(fd, bytes(65536))
+    os.ftruncate(fd, os.fstat(fd).st_size - 16384)
+import autometa
+results = []
+for argv in spec["argvs"]:
+    err = io.StringIO()
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(err):
+        results.append({"status": autometa.main(argv), "err": err.getvalue()})
+if how == "chmod":
+    chmod_all(0o755, 0o644)
+shutil.copytree(disk, spec["after"], ignore=shutil.ignore_patterns(".filler"))
+print(json.dumps(results))
+'''
+UNSHARE = ["unshare", "--mount"] + ([] if os.geteuid() == 0 else ["--map-root-user"])
+# root writes anywhere: this drops that power (CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH) and runs the command
+WITHOUT_ROOTS_POWER = ("import ctypes, os, sys; prctl = ctypes.CDLL(None).prctl; "
+                       "assert all(prctl(24, cap, 0, 0, 0) == 0 for cap in (1, 2)); os.execv(sys.argv[1], sys.argv[1:])")
+
+
+@functools.cache
+def can_mount():
+    """Whether a test may mount a file system here, in a mount namespace of its own that nothing else sees."""
+    with tempfile.TemporaryDirectory() as folder:
+        return shutil.which("unshare") is not None and subprocess.run(
+            [*UNSHARE, "mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", folder], capture_output=True).returncode == 0
+
+
+def run_unwritable(kind, disk, src, after, argvs):
+    """Each command line of `argvs` on the folder `disk`, holding what `src` holds, made unwritable for real:
+    write permission taken away, or a read-only or full file system mounted where the machine allows it
+    (else an injected OSError); returns the commands' results, and leaves the disk's content in `after`."""
+    how = "chmod" if kind == "denied" else "mount" if can_mount() else "inject"
+    spec = json.dumps(dict(disk=str(disk), kind=kind, how=how, src=str(src), after=str(after), argvs=argvs))
+    command = [sys.executable, "-c", UNWRITABLE, spec]
+    if how == "mount":
+        command = [*UNSHARE, *command]
+    elif how == "chmod" and os.geteuid() == 0:
+        command = [sys.executable, "-c", WITHOUT_ROOTS_POWER, *command]
+    disk.mkdir()
+    run = subprocess.run(command, cwd=HERE, env=child_env(), capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    return json.loads(run.stdout.splitlines()[-1])
+
+
+def contents(*folders):
+    """relative path -> bytes of every file under `folders`, but the lock (which holds a process id)."""
+    return {os.path.relpath(os.path.join(root, name), folder): open(os.path.join(root, name), "rb").read()
+            for folder in folders for root, _, names in os.walk(folder) for name in names if name != files.LOCK}
+
+
+CELL = '[[1, "conv_3x3", 0, "max_pool_3x3"]]'
+
+
+def train_args(out, iters=6):
+    """--train of an inline cell with tiny settings, on the CPU."""
+    return ["--train", CELL, "--out", str(out), "--train-iters", str(iters), "--device", "cpu", *TRAIN]
+
+
+@pytest.fixture(scope="module")
+def whole_training(tmp_path_factory):
+    """An uninterrupted --train of 6 iterations, on one thread like the commands the tests start."""
+    out = tmp_path_factory.mktemp("whole") / "run"
+    with one_thread():
+        assert autometa.main(train_args(out)) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def half_training(tmp_path_factory):
+    """The same --train stopped after its first checkpoint, at iteration 3 of 6."""
+    out = tmp_path_factory.mktemp("half") / "run"
+    with one_thread():
+        assert autometa.main(train_args(out, iters=3)) == 0
+    return out
+
+
+def assert_same_training(out, whole):
+    """`out` holds what the uninterrupted run left in `whole`: the same weights, history and log rows."""
+    for name in ("last.pt", "best.pt"):
+        a, b = (torch.load(os.path.join(folder, name), weights_only=True) for folder in (out, whole))
+        assert (a["iteration"], a["history"], a["best"]) == (b["iteration"], b["history"], b["best"]), name
+        for key in a["model"]:
+            assert torch.equal(a["model"][key], b["model"][key]), (name, key)
+    rows = [[{k: v for k, v in r.items() if k != "seconds"} for r in read_lines(os.path.join(folder, "train.jsonl"))]
+            for folder in (out, whole)]
+    assert rows[0] == rows[1]
+
+
+@pytest.mark.parametrize("kind, words", [("denied", "permission denied"), ("read-only", "the file system is read-only"),
+                                         ("full", "no space left on the device")])
+def test_unwritable_out_or_cache_dir_exits_2_and_keeps_what_is_there(tmp_path, half_training, whole_training,
+                                                                       kind, words):
+    src, disk = tmp_path / "src", tmp_path / "disk"
+    shutil.copytree(half_training, src / "run")
+    (src / "cache").mkdir()
+    (src / "cache" / "old.npz").write_bytes(b"a cache of another image size")
+    mini = make_csv_folder(tmp_path / "mini", np.random.default_rng(0))
+    commands = {"run": train_args(disk / "run"), "new": train_args(disk / "new"),  # resumed, and new
+                "cache": ["--inspect", "--data", str(mini), "--cache-dir", str(disk / "cache"), "--image-size", "64"]}
+    results = run_unwritable(kind, disk, src, tmp_path / "after", list(commands.values()))
+    for folder, result in zip(commands, results):
+        assert result["status"] == 2 and len(result["err"].strip().splitlines()) == 1, result["err"]
+        assert f"cannot write {disk / folder}" in result["err"] and words in result["err"], result["err"]
+    kept = contents(tmp_path / "after" / "run", tmp_path / "after" / "cache")
+    for name, content in contents(src / "run", src / "cache").items():  # unchanged, or a log with rows added
+        assert kept[name] == content or (name.endswith(".jsonl") and kept[name].startswith(content)), name
+    with one_thread():  # the disk writable again, the same command goes on from what was kept
+        assert autometa.main(train_args(tmp_path / "after" / "run")) == 0
+    assert_same_training(tmp_path / "after" / "run", whole_training)
+
+
+def test_a_full_disk_during_a_search_exits_2_and_the_same_command_goes_on(tmp_path, monkeypatch, capsys):
+    # The log's write names no file, as on a real full disk. Only the wiring is tested: cells are scored by
+    # fake_accuracy, not trained, and the predictor is a cheap one.
+    monkeypatch.setattr(data, "splits_for", lambda cfg, needed: None)
+    monkeypatch.setattr(autometa, "make_scorer", lambda cfg, splits, device: lambda cell, trial=0, fresh=False: dict(
+        accuracy=fake_accuracy(cell), ci95=0.01, params=1))
+    predictor = pnas.Predictor
+    monkeypatch.setattr(pnas, "Predictor", lambda ops, seed: predictor(ops, members=1, epochs=20))
+    append = pnas.SearchLog.append
+
+    def append_until_full(log, record):
+        if len(log.records) == 2:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        append(log, record)
+    monkeypatch.setattr(pnas.SearchLog, "append", append_until_full)
+    out = tmp_path / "run"
+    assert autometa.main(["--search", "--out", str(out), *TINY]) == 2
+    err = capsys.readouterr().err
+    assert f"cannot write {out}: no space left on the device" in err and len(err.strip().splitlines()) == 1
+    kept = read_lines(out / "search.jsonl")
+    assert len(kept) == 2
+    monkeypatch.setattr(pnas.SearchLog, "append", append)
+    assert autometa.main(["--search", "--out", str(out), *TINY]) == 0
+    assert read_lines(out / "search.jsonl")[:2] == kept and len(read_lines(out / "search.jsonl")) == 3 + 3 + 1 + 2
+
+
+STOP_AT = r'''
+"""--train that stops itself (SIGSTOP) at a chosen point, for the test to SIGKILL it there: after row
+`at` of train.jsonl (point "row"), or halfway through writing the file `point` for the `at`-th time."""
+import io, os, signal, sys
+import autometa, training
+
+point, at = sys.argv[1], int(sys.argv[2])
+on_step, atomic_write, written = training.Trainer.on_step, training.atomic_write, []
+
+
+def stop():
+    os.kill(os.getpid(), signal.SIGSTOP)
+
+
+def on_step_then_stop(trainer, i, loss, accuracy):
+    on_step(trainer, i, loss, accuracy)
+    if point == "row" and trainer.iteration == at:
+        stop()
+
+
+def stop_halfway(path, write):
+    written.append(os.path.basename(path))
+    if written[-1] != point or written.count(point) != at:
+        return atomic_write(path, write)
+
+    def half(f):
+        whole = io.BytesIO()
+        write(whole)
+        f.write(whole.getvalue()[:len(whole.getvalue()) // 2])
+        f.flush()
+        stop()
+    atomic_write(path, half)
+
+
+training.Trainer.on_step, training.atomic_write = on_step_then_stop, stop_halfway
+sys.exit(autometa.main(sys.argv[3:]))
+'''
+
+
+@pytest.mark.parametrize("point, at, last", [("row", 2, None), ("row", 4, 3), ("best.pt", 1, None), ("last.pt", 2, 3)],
+                         ids=["before-any-checkpoint", "between-checkpoints", "mid-first-checkpoint",
+                              "mid-last-checkpoint"])
+def test_train_killed_anywhere_holds_its_folder_till_then_and_resumes_to_the_same_weights(
+        tmp_path, capsys, whole_training, point, at, last):
+    out = tmp_path / "run"
+    with open(tmp_path / "stderr", "w") as stderr:
+        child = subprocess.Popen([sys.executable, "-c", STOP_AT, point, str(at), *train_args(out)], cwd=HERE,
+                                 env=child_env(), stdout=subprocess.DEVNULL, stderr=stderr)
+    try:
+        _, status = os.waitpid(child.pid, os.WUNTRACED)
+        assert os.WIFSTOPPED(status), (tmp_path / "stderr").read_text()
+        # where it stopped: last.pt of iteration `last` (or none yet), and a half-written file mid-checkpoint
+        checkpoint = torch.load(out / "last.pt", weights_only=True) if (out / "last.pt").exists() else {}
+        assert checkpoint.get("iteration") == last
+        assert any(name.endswith(files.PARTIAL) for name in os.listdir(out)) == (point != "row")
+        for other in (["--search", "--out", str(out)], train_args(out)):  # no second run on a live run's folder
+            assert autometa.main(other) == 2
+            err = capsys.readouterr().err
+            assert f"{out} is in use by another run (process {child.pid})" in err and len(err.splitlines()) == 1
+    finally:
+        child.kill()
+        child.wait()
+    with one_thread():  # the same command, with no clean-up in between
+        assert autometa.main(train_args(out)) == 0
+    assert_same_training(out, whole_training)
+    assert not [name for name in os.listdir(out) if name.endswith(files.PARTIAL)]
+
+
+def test_train_and_draw_read_every_form_of_an_architecture(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)  # where --train's default --out, runs/train-NAME, goes
+    (tmp_path / "mine.json").write_text(json.dumps([[0, "identity", 1, "conv_3x3"]]))
+    (tmp_path / "best.json").write_text(json.dumps({"cell": [[1, "avg_pool_3x3", 1, "conv_3x3"]], "accuracy": 0.5}))
+    forms = {"autometa": "train-autometa", "mine.json": "train-mine", "best.json": "train-best",
+             '[[1, "conv_3x3", 0, "identity"]]': "train-cell"}
+    for arch, out in forms.items():
+        with one_thread():
+            assert autometa.main(["--train", arch, "--train-iters", "1", "--val-every", "1", *TRAIN]) == 0
+        state = torch.load(tmp_path / "runs" / out / "last.pt", weights_only=True)
+        assert cells.load_arch(state["arch"]) == cells.load_arch(arch)
+        for _ in range(2):  # drawn anew over an older picture
+            assert autometa.main(["--draw", arch, "--out", f"{out}.png"]) == 0
+        assert_picture(tmp_path / f"{out}.png")
+    capsys.readouterr()
+    unknown = '[[1, "conv_3x3", 0, "conv_9x9"]]'
+    for args in (["--train", unknown], ["--draw", unknown, "--out", "unknown.png"]):
+        assert autometa.main(args) == 2
+        err = capsys.readouterr().err
+        assert "unknown op 'conv_9x9'" in err and len(err.strip().splitlines()) == 1
+    assert sorted(os.listdir(tmp_path / "runs")) == sorted(forms.values())
+
+
+def test_eval_of_an_architecture_or_a_folder_says_what_to_pass(tmp_path, capsys):
+    best = tmp_path / "best.json"
+    best.write_text(json.dumps({"cell": [[1, "conv_3x3", 0, "identity"]], "accuracy": 0.5}))
+    for path, words in [(str(best), f"--train {best}, then pass --eval {os.path.join('runs', 'train-best', 'best.pt')}"),
+                        ("conv4", "meta-train it first with --train conv4"),
+                        ('[[1, "conv_3x3", 0, "identity"]]', os.path.join("runs", "train-cell", "best.pt")),
+                        (str(tmp_path), "is a folder, not a checkpoint")]:
+        assert autometa.main(["--eval", path]) == 2
+        err = capsys.readouterr().err
+        assert words in err and len(err.strip().splitlines()) == 1, err
 
 
 # ---------------------------------------------------------------------------- report.py
@@ -1059,7 +1386,7 @@ def test_draw_command_draws_builtins_inline_json_and_files_and_rejects_bad_cells
 def test_search_writes_its_report_after_every_level(tmp_path, monkeypatch):
     # Only the wiring is tested here: cells are scored by fake_accuracy, not trained (the end-to-end test trains).
     monkeypatch.setattr(data, "splits_for", lambda cfg, needed: None)
-    monkeypatch.setattr(autometa, "make_scorer", lambda cfg, splits, device: lambda cell: dict(
+    monkeypatch.setattr(autometa, "make_scorer", lambda cfg, splits, device: lambda cell, trial=0, fresh=False: dict(
         accuracy=fake_accuracy(cell), ci95=0.01, params=100 * len(cell)))
     out, levels, write = str(tmp_path / "run"), [], report.write_report
 
@@ -1081,7 +1408,7 @@ def test_search_writes_its_report_after_every_level(tmp_path, monkeypatch):
 def torchrun(*args, timeout=120):
     """Run a torchrun job of 2 processes on this machine, as a user would."""
     return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", *args],
-                          cwd=HERE, capture_output=True, text=True, timeout=timeout)
+                          cwd=HERE, env=child_env(), capture_output=True, text=True, timeout=timeout)
 
 
 def torchrun_fake(out, **kw):
@@ -1165,10 +1492,12 @@ def test_a_hung_rank_fails_the_job_after_wait_minutes_with_a_clear_message(tmp_p
 
 
 def test_tiny_search_under_torchrun_matches_one_process(tmp_path):
-    one_thread = dict(os.environ, OMP_NUM_THREADS="1")  # torchrun's default: CPU scores depend on the thread count
-    alone = subprocess.run([sys.executable, "autometa.py", "--search", "--out", str(tmp_path / "one"), *TINY],
-                           cwd=HERE, capture_output=True, text=True, timeout=300, env=one_thread)
+    alone = cli("--search", "--out", str(tmp_path / "one"), *TINY)  # one thread, as each torchrun process
     assert alone.returncode == 0, alone.stderr
+    with files.hold(str(tmp_path / "two")):  # while another run (this process) holds --out, rank 0 refuses it
+        refused = torchrun("autometa.py", "--search", "--out", str(tmp_path / "two"), *TINY, timeout=300)
+    assert refused.returncode != 0 and f"in use by another run (process {os.getpid()})" in refused.stderr
+    assert not (tmp_path / "two" / "search.jsonl").exists()
     shared = torchrun("autometa.py", "--search", "--out", str(tmp_path / "two"), *TINY, timeout=300)
     assert shared.returncode == 0, shared.stderr
     one, two = (results(tmp_path / run / "search.jsonl", ignore=["seconds"]) for run in ("one", "two"))
@@ -1450,8 +1779,8 @@ print(min(faults[1:]))  # the quietest pass after the first
 def test_reused_memory_stops_the_page_faults_of_each_forward_pass():
     faults = {}
     for setting in ("default", "reuse"):
-        run = subprocess.run([sys.executable, "-c", PAGE_FAULTS, setting], cwd=HERE, capture_output=True, text=True,
-                             timeout=120)
+        run = subprocess.run([sys.executable, "-c", PAGE_FAULTS, setting], cwd=HERE, env=child_env(),
+                             capture_output=True, text=True, timeout=120)
         assert run.returncode == 0, run.stderr
         faults[setting] = int(run.stdout)
     assert faults["default"] > 10000  # every pass faults in fresh pages (4 KiB each) for its activations

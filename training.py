@@ -1,6 +1,7 @@
 """Meta-training one architecture for real (--train) with validation and checkpoints, and testing a
 checkpoint on fixed test episodes (--eval)."""
 import dataclasses
+import io
 import json
 import os
 import time
@@ -12,25 +13,29 @@ import data
 import fastcpu
 import maml
 import report
-from config import ConfigError, config_dict
+from config import ConfigError, config_dict, train_out
 from files import atomic_write
 from scoring import build_model
 
 
 def save_checkpoint(path, state):
-    """torch.save atomically, so a kill never leaves half a checkpoint."""
-    atomic_write(path, lambda f: torch.save(state, f))
+    """torch.save atomically, so a kill never leaves half a checkpoint. It is serialized in memory first:
+    torch.save into a file turns the OSError of a full disk into a RuntimeError that names no file."""
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    atomic_write(path, lambda f: f.write(buffer.getbuffer()))
 
 
 def load_checkpoint(path):
     """A checkpoint written by --train; a missing or unreadable file is a ConfigError."""
     if not os.path.isfile(path):
-        raise ConfigError(f"checkpoint {path} does not exist: pass a best.pt or last.pt written by --train")
+        raise ConfigError(not_a_checkpoint(path) or f"checkpoint {path} does not exist: pass a best.pt or last.pt "
+                          "written by --train")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch.load raises many types for a damaged file
-        raise ConfigError(f"checkpoint {path} cannot be read ({type(e).__name__}): it is damaged or not a "
-                          "torch file; use another checkpoint or retrain with --train") from e
+        raise ConfigError(not_a_checkpoint(path) or f"checkpoint {path} cannot be read ({type(e).__name__}): it "
+                          "is damaged or not a torch file; use another checkpoint or retrain with --train") from e
     missing = {"model", "config", "arch", "iteration"} - set(state) if isinstance(state, dict) else {"model"}
     if missing:
         raise ConfigError(f"{path} is not an autometa checkpoint (no {', '.join(sorted(missing))}): "
@@ -65,6 +70,24 @@ def parse_seeds(text):
     return seeds
 
 
+def not_a_checkpoint(path):
+    """What to do instead when `path` is a folder or an architecture (a search's best.json, a cell) rather
+    than a checkpoint; None otherwise."""
+    if os.path.isdir(path):
+        return (f"{path} is a folder, not a checkpoint, and holds no best.pt nor seed-N runs: pass the folder of a "
+                "--train run, or a best.pt or last.pt it wrote")
+    if os.path.isfile(path):
+        with open(path, "rb") as f:
+            if f.read(64).lstrip()[:1] not in (b"[", b"{"):  # not JSON: a damaged checkpoint, maybe
+                return None
+    try:
+        cells.load_arch(path)
+    except (cells.CellError, OSError):
+        return None
+    return (f"{path} is an architecture, not a checkpoint: meta-train it first with --train {path}, then pass "
+            f"--eval {os.path.join(train_out(path), 'best.pt')}")
+
+
 class Trainer:
     """Meta-trains one architecture with maml.meta_train, validating, logging and checkpointing."""
 
@@ -88,14 +111,19 @@ class Trainer:
                 "torch_rng": torch.get_rng_state()}
 
     def restore(self, state):
-        """Continue from a last.pt; train.jsonl rows written after it are dropped."""
+        """Continue from a last.pt."""
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.iteration, self.history, self.best = state["iteration"], state["history"], state["best"]
         self.sampler.rng.bit_generator.state = state["sampler_rng"]
         torch.set_rng_state(state["torch_rng"])
+
+    def trim_log(self):
+        """Drop the rows of train.jsonl after the current iteration: a killed run logs beyond its last
+        checkpoint (or before its first), and the rerun logs those iterations again."""
         rows = [r for r in self.rows() if r["iteration"] <= self.iteration]
-        atomic_write(self.log_path, lambda f: f.write("".join(json.dumps(r) + "\n" for r in rows).encode()))
+        if os.path.exists(self.log_path):
+            atomic_write(self.log_path, lambda f: f.write("".join(json.dumps(r) + "\n" for r in rows).encode()))
 
     def rows(self):
         """The complete rows of train.jsonl."""
@@ -153,6 +181,7 @@ def train(cfg, arch, splits, device):
             raise ConfigError(f"{cfg.out} holds training of another architecture: pass a new --out to start fresh")
         trainer.restore(state)
         print(f"resuming from {last} at iteration {trainer.iteration}")
+    trainer.trim_log()
     print(f"train: {cells.arch_name(arch)}, {cells.count_parameters(trainer.model)} parameters, {cfg.ways}-way "
           f"{cfg.shots}-shot on {cfg.data}, {cfg.train_iters} meta-iterations, device {device}")
     trainer.run()
@@ -168,7 +197,8 @@ def checkpoints(path):
                   if name.startswith("seed-") and name[5:].lstrip("-").isdigit())
     if runs:
         return [(f"seed {s}", p) for s, p in runs]
-    return [(None, os.path.join(path, "best.pt"))]
+    best = os.path.join(path, "best.pt")
+    return [(None, best if os.path.isfile(best) else path)]  # a folder with no checkpoint: load_checkpoint says so
 
 
 def checkpoint_accuracy(cfg, state, splits, device):
