@@ -769,7 +769,7 @@ def test_unknown_layout_and_changed_config_exit_2_and_keep_the_log(tmp_path):
     out = str(tmp_path / "run")
     assert cli("--search", "--out", out, *TINY).returncode == 0
     before = open(os.path.join(out, "search.jsonl")).read()
-    result = cli("--search", "--out", out, *TINY[:-1], "6")
+    result = cli("--search", "--out", out, *TINY, "--channels", "6")
     assert result.returncode == 2 and "channels" in result.stderr and "--out" in result.stderr
     assert open(os.path.join(out, "search.jsonl")).read() == before
     result = cli("--train", "conv4", "--out", out)
