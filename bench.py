@@ -26,6 +26,7 @@ import cells
 import data
 import fastcpu
 import maml
+import speedups
 from scoring import build_model, make_scorer
 
 WORKLOADS = ("all", "conv4", "cell")
@@ -34,14 +35,9 @@ REPEATS = 5  # timed meta-steps per method, workload and allocator (after one wa
 CANDIDATE_ITERS, CANDIDATE_EPISODES = 10, 20  # the timed search candidate; the full one is extrapolated
 
 
-@contextlib.contextmanager
 def method(name, model, first_order):
-    """Within it, `layout(tasks)` prepares a task batch for `name`: fastcpu.py's speed-ups on ("ours") or off."""
-    if name == "ours":
-        with fastcpu.speedups(model, first_order) as layout:
-            yield layout
-    else:
-        yield lambda tasks: tasks
+    """The Speedups of `name`: what the command line runs ("ours", speedups.py) or maml.py as written ("loop")."""
+    return speedups.choose(model, first_order) if name == "ours" else speedups.PLAIN
 
 
 def synchronize(device):
@@ -55,20 +51,19 @@ def time_methods(model, tasks, steps, lr, meta_lr, first_order, repeats, device)
     runs = {}
     for name in METHODS:
         m = copy.deepcopy(model)
-        with method(name, m, first_order) as layout:
-            batch = layout(tasks)  # the layout check runs once, here, not in the timed steps
-        runs[name] = (m, torch.optim.Adam(m.parameters(), lr=meta_lr), batch, [])
-    for r in range(repeats + 1):  # round 0 warms up (allocations) and is not counted
+        fast = method(name, m, first_order)
+        batch = fast.layout(tasks)  # the layout check runs once, here, not in the timed steps
+        runs[name] = (m, torch.optim.Adam(m.parameters(), lr=meta_lr), batch, fast.meta_loss, [])
+    for r in range(repeats + 1):  # round 0 warms up (allocations, the vmap check) and is not counted
         for name in (METHODS if r % 2 else reversed(METHODS)):  # alternate the order: neither always runs first
-            m, optimizer, batch, seconds = runs[name]
-            with method(name, m, first_order):
-                synchronize(device)
-                start = time.perf_counter()
-                maml.meta_step(m, optimizer, batch, steps, lr, first_order)
-                synchronize(device)
+            m, optimizer, batch, meta_loss, seconds = runs[name]
+            synchronize(device)
+            start = time.perf_counter()
+            maml.meta_step(m, optimizer, batch, steps, lr, first_order, meta_loss)
+            synchronize(device)
             if r > 0:
                 seconds.append(time.perf_counter() - start)
-    return {name: statistics.median(seconds) for name, (_, _, _, seconds) in runs.items()}
+    return {name: statistics.median(run[-1]) for name, run in runs.items()}
 
 
 def meta_gradients(model, tasks, steps, lr, first_order):
@@ -76,9 +71,9 @@ def meta_gradients(model, tasks, steps, lr, first_order):
     grads = {}
     for name in METHODS:
         params = dict(model.named_parameters())
-        with method(name, model, first_order) as layout:
-            loss, _ = maml.meta_loss(model, params, layout(tasks), steps, lr, first_order)
-            grads[name] = torch.autograd.grad(loss, list(params.values()))
+        fast = method(name, model, first_order)
+        loss, _ = fast.meta_loss(model, params, fast.layout(tasks), steps, lr, first_order)
+        grads[name] = torch.autograd.grad(loss, list(params.values()))
     return grads
 
 
@@ -101,10 +96,12 @@ def peak_memory(name, model, tasks, steps, lr, first_order, device):
     """Peak bytes of tensors alive during one meta-loss forward and backward, above what was alive before."""
     params = dict(model.named_parameters())
 
+    fast = method(name, model, first_order)
+    batch = fast.layout(tasks)
+
     def forward_backward():
-        with method(name, model, first_order) as layout:
-            loss, _ = maml.meta_loss(model, params, layout(tasks), steps, lr, first_order)
-            torch.autograd.grad(loss, list(params.values()))
+        loss, _ = fast.meta_loss(model, params, batch, steps, lr, first_order)
+        torch.autograd.grad(loss, list(params.values()))
 
     if device.type == "cuda":
         synchronize(device)

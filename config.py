@@ -49,6 +49,7 @@ class Config:
     val_every: int = 50          # --train validates and checkpoints every this many iterations
     log_every: int = 20          # --train prints a progress line every this many iterations
     device: str = "auto"         # 'auto' (CUDA if present), 'cpu', 'cuda' or 'cuda:N'
+    eval_batch: int = 0          # evaluation episodes adapted at once with torch.func.vmap (0: automatic; 1: none)
     wait_minutes: float = 60     # under torchrun: how long a process waits for another before failing
     seed: int = 0                # seeds data, episodes, candidates and the predictor
     out: str = "runs/search"     # output folder (search.jsonl, best.json, ...; --draw: the .png file)
@@ -73,7 +74,7 @@ PRESETS = {
 # Fields that do not change a run's results, so a resumed run may differ in them.
 RESUME_FREE = {
     "search": {"device", "out", "cache_dir", "wait_minutes", "train_iters", "val_episodes", "val_every", "log_every"},
-    "train": {"device", "out", "cache_dir", "wait_minutes", "train_iters", "eval_episodes", "log_every",
+    "train": {"device", "eval_batch", "out", "cache_dir", "wait_minutes", "train_iters", "eval_episodes", "log_every",
               "blocks", "beam", "ops", "max_first", "meta_iters", "sampler", "probe", "noise", "rescore",
               "rescore_seeds"},
 }
@@ -108,7 +109,7 @@ def check_config(cfg):
                  "rescore_seeds"):
         if getattr(cfg, name) <= 0:
             raise ConfigError(f"--{name.replace('_', '-')} is {getattr(cfg, name)}: it must be a positive integer")
-    for name in ("reductions", "inner_steps", "test_steps", "max_first", "probe", "noise", "rescore"):
+    for name in ("reductions", "inner_steps", "test_steps", "max_first", "probe", "noise", "rescore", "eval_batch"):
         if getattr(cfg, name) < 0:
             raise ConfigError(f"--{name.replace('_', '-')} is {getattr(cfg, name)}: it must be 0 or more")
     for name in ("inner_lr", "meta_lr", "wait_minutes"):

@@ -6,9 +6,9 @@ import torch
 
 import cells
 import data
-import fastcpu
 import maml
 import pnas
+import speedups
 
 
 def build_model(cfg, arch):
@@ -45,20 +45,24 @@ def make_scorer(cfg, splits, device):
     def score(cell, trial=0, fresh=False):
         cell = pnas.canonical(cell)  # the same network, weights and seed however the cell is written
         seed = candidate_seed(cfg.seed, cell, trial)
-        torch.manual_seed(seed)
-        model = build_model(cfg, cell).to(device)
-        sampler = data.EpisodeSampler(splits["train"], cfg.ways, cfg.shots, cfg.queries, seed)
-        optimizer = torch.optim.Adam(model.parameters(), lr=cfg.meta_lr)
-        try:
-            with fastcpu.speedups(model, cfg.first_order) as layout:
-                maml.meta_train(model, optimizer, lambda: layout(sampler.sample(cfg.meta_batch)), cfg.meta_iters,
-                                cfg.inner_steps, cfg.inner_lr, cfg.first_order)
-                accuracy, ci95 = maml.evaluate(model, dict(model.named_parameters()),
-                                               map(layout, fresh_episodes if fresh else search_episodes),
-                                               cfg.test_steps, cfg.inner_lr)
-        except maml.Diverged as e:
-            return dict(accuracy=None, ci95=None, status="diverged", error=str(e), seed=seed)
-        return {"accuracy": round(accuracy, 5), "ci95": round(ci95, 5), "params": cells.count_parameters(model),
-                "seed": seed}
+        return train_and_score(cfg, splits, device, cell, seed, fresh_episodes if fresh else search_episodes)
 
     return score
+
+
+def train_and_score(cfg, splits, device, cell, seed, episodes):
+    """Meta-train a fresh network of `cell` from `seed`, then score it on `episodes` (see make_scorer)."""
+    torch.manual_seed(seed)
+    model = build_model(cfg, cell).to(device)
+    sampler = data.EpisodeSampler(splits["train"], cfg.ways, cfg.shots, cfg.queries, seed)
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.meta_lr)
+    try:
+        fast = speedups.choose(model, cfg.first_order, cfg.eval_batch)
+        maml.meta_train(model, optimizer, lambda: fast.layout(sampler.sample(cfg.meta_batch)), cfg.meta_iters,
+                        cfg.inner_steps, cfg.inner_lr, cfg.first_order, meta_loss=fast.meta_loss)
+        accuracy, ci95 = maml.evaluate(model, dict(model.named_parameters()), map(fast.layout, episodes),
+                                       cfg.test_steps, cfg.inner_lr, fast.per_episode)
+    except maml.Diverged as e:
+        return dict(accuracy=None, ci95=None, status="diverged", error=str(e), seed=seed)
+    return {"accuracy": round(accuracy, 5), "ci95": round(ci95, 5), "params": cells.count_parameters(model),
+            "seed": seed}

@@ -1,5 +1,6 @@
 """Tests: each part against an independent reference. Run: python -m pytest -q"""
 import contextlib
+import copy
 import itertools
 import json
 import os
@@ -1362,6 +1363,80 @@ def test_convolution_mode_leaves_string_padding_and_unbatched_input_to_pytorch()
     assert type(ours.grad_fn).__name__ == "ConvolutionBackward"
     assert type(same.grad_fn).__name__ == "ConvolutionBackward0"  # PyTorch's
     assert type(unbatched.grad_fn.next_functions[0][0]).__name__ == "ConvolutionBackward0"  # under a squeeze
+
+
+# ---------------------------------------------------------------------------- batched.py and speedups.py
+
+import batched  # noqa: E402
+import speedups  # noqa: E402
+
+
+def to_double(tasks):
+    return tuple(t.double() if t.is_floating_point() else t for t in tasks)
+
+
+@pytest.mark.parametrize("first_order", [False, True])
+@pytest.mark.parametrize("arch", ["conv4", cells.AUTOMETA_CELL])
+def test_batched_meta_loss_equals_the_per_task_loop_in_float64(arch, first_order):
+    torch.manual_seed(0)
+    model = cells.build_network(arch, 3, 16, channels=8, reductions=1, stem_stride=1).double()
+    tasks = image_tasks(16, tasks=3, dtype=torch.float64)
+    assert batched.runs(model, dict(model.named_parameters()), tasks)
+    results = []
+    for meta_loss in (batched.meta_loss, maml.meta_loss):
+        params = dict(model.named_parameters())
+        loss, accuracy = meta_loss(model, params, tasks, 2, 0.1, first_order)
+        results.append((loss, accuracy, torch.autograd.grad(loss, list(params.values()))))
+    (loss, accuracy, grads), (ref_loss, ref_accuracy, ref_grads) = results
+    assert abs(loss.item() - ref_loss.item()) < 1e-12 and accuracy == ref_accuracy
+    assert max((g - r).abs().max().item() for g, r in zip(grads, ref_grads)) < 1e-10
+    assert max(g.abs().max().item() for g in ref_grads) > 1e-3  # a real gradient, not zeros
+
+
+def trained_tiny_network(arch, seed=0):
+    """The tiny search's network of `arch`, meta-trained briefly so that its predictions are not chance."""
+    torch.manual_seed(seed)
+    splits = data.synthetic_splits(28, 0)
+    model = cells.build_network(arch, 5, 28, channels=8, reductions=2, stem_stride=2)
+    sampler = data.EpisodeSampler(splits["train"], 5, 1, 5, seed)
+    maml.meta_train(model, torch.optim.Adam(model.parameters(), 3e-3), lambda: sampler.sample(2), 10, 1, 0.1, True)
+    return model, data.fixed_episodes(splits["val"], 5, 1, 5, 12, seed=0, batch=2)
+
+
+def test_batched_evaluation_gives_the_accuracies_of_one_episode_at_a_time():
+    model, episodes = trained_tiny_network(cells.AUTOMETA_CELL[:2])
+    params = dict(model.named_parameters())
+    one_by_one = maml.episode_accuracies(model, params, episodes, 3, 0.1)
+    assert len(set(one_by_one)) > 2  # episodes differ, so an order mix-up would show
+    for group in (3, 4, 12):  # across task batches of 2, and all at once
+        assert batched.episode_accuracies(model, params, episodes, 3, 0.1, group) == one_by_one
+    exact = copy.deepcopy(model).double()
+    double_episodes = [to_double(episodes[i]) for i in range(len(episodes))]
+    assert (batched.episode_accuracies(exact, dict(exact.named_parameters()), double_episodes, 3, 0.1, 5)
+            == maml.episode_accuracies(exact, dict(exact.named_parameters()), double_episodes, 3, 0.1))
+
+
+def test_speedups_batch_evaluation_of_small_networks_on_a_cpu_and_fall_back_where_vmap_cannot_run():
+    model, episodes = trained_tiny_network(cells.AUTOMETA_CELL[:1])
+    assert speedups.automatic_group(model, episodes[0], cpu=True) == speedups.EVAL_BATCH
+    assert speedups.automatic_group(model, episodes[0], cpu=False) == speedups.EVAL_BATCH
+    assert speedups.automatic_group(cells.build_network("conv4", 5, 28), episodes[0], cpu=True) == 1
+    params = dict(model.named_parameters())
+    fast = speedups.choose(model, first_order=True)
+    assert fast.per_episode(model, params, episodes, 3, 0.1) == maml.episode_accuracies(model, params, episodes, 3, 0.1)
+    torch.manual_seed(0)
+    ours, ref = RunningStatsDropoutNet(), RunningStatsDropoutNet()  # dropout and running statistics: no vmap
+    ref.load_state_dict(ours.state_dict())
+    tasks = image_tasks(8)
+    assert not batched.runs(ours, dict(ours.named_parameters()), tasks)
+    results = []
+    for model, per_episode in ((ours, speedups.choose(ours, True, eval_batch=4).per_episode),
+                               (ref, maml.episode_accuracies)):
+        torch.manual_seed(1)
+        results.append(per_episode(model, dict(model.named_parameters()), [tasks], 2, 0.1))
+    assert results[0] == results[1]
+    for a, b in zip(ours.buffers(), ref.buffers()):  # the vmap check left them as the loop does
+        assert torch.equal(a, b)
 
 
 def test_bench_runs_end_to_end_on_a_tiny_setting():
