@@ -8,12 +8,13 @@ Commands (see README.md for the figures they produce):
     python autometa.py --train runs/search/best.json  # meta-train a found cell (or conv4, autometa)
     python autometa.py --eval runs/train-best/best.pt # test accuracy, 95% CI over fixed test episodes
     python autometa.py --draw autometa --out cell.png # a picture of a cell (built-in, JSON file or inline JSON)
+    python autometa.py --search --workers 1           # one candidate at a time (default: one per CPU core)
     torchrun --nproc_per_node=4 autometa.py --search  # the same search, candidates shared by 4 processes
     python autometa.py --bench conv4 --preset paper   # seconds per meta-step, with and without fastcpu.py
 
 Settings live in `config.Config`; a preset fills it and every flag overrides one field. What the
 commands run lives in modules named for it: scoring.py (a candidate's score), pnas.py (the search),
-training.py (--train, --eval), team.py (torchrun), bench.py (--bench), report.py (pictures).
+training.py (--train, --eval), team.py (--workers, torchrun), bench.py (--bench), report.py (pictures).
 """
 import argparse
 import dataclasses
@@ -24,6 +25,8 @@ import statistics
 import sys
 import time
 
+import torch
+
 import bench
 import cells
 import data
@@ -32,7 +35,8 @@ import pnas
 import report
 import team
 import training
-from config import PRESETS, Config, ConfigError, check_resume, config_dict, field_help, make_config, pick_device
+from config import (PRESETS, Config, ConfigError, check_resume, config_dict, default_workers, field_help, make_config,
+                    pick_device)
 from files import write_json
 from scoring import make_scorer
 
@@ -74,10 +78,18 @@ def flag_help(f, text):
 
 
 def run_search(cfg):
-    """The --search command, in this process or, started by torchrun, shared among the job's processes."""
-    if team.launched_by_torchrun():
+    """The --search command: in this process, in the `--workers` processes it starts, or shared among the
+    processes of a torchrun job."""
+    if team.in_a_team():
+        if cfg.workers > 1:
+            raise ConfigError(f"--workers {cfg.workers} under torchrun: torchrun starts the processes here, so drop "
+                              "--workers and set torchrun's --nproc_per_node")
         return team.run_search(cfg, lead=search)
-    return search(cfg, pick_device(cfg.device))
+    device = pick_device(cfg.device)
+    workers = cfg.workers or default_workers(cfg, device)
+    if workers > 1:
+        return team.run_workers(cfg, workers, lead=search)
+    return search(cfg, device)
 
 
 def search(cfg, device, job=None):
@@ -86,7 +98,7 @@ def search(cfg, device, job=None):
     splits = data.splits_for(cfg, ("train", "val"))
     if job is not None:
         job.barrier()
-        print(f"candidates shared among {job.size} processes (torchrun)")
+        print(f"candidates shared among {job.size} processes ({job.started_by})")
     print(f"search: {cfg.blocks} blocks, beam {cfg.beam} ({cfg.sampler}) + {cfg.probe} probes, {cfg.ways}-way "
           f"{cfg.shots}-shot on {cfg.data} ({cfg.image_size}x{cfg.image_size}), {cfg.meta_iters} meta-iterations "
           f"per candidate, device {device}")
@@ -159,6 +171,7 @@ def run_eval(args):
     """The --eval command: the standard protocol on fixed, seeded test episodes."""
     state = training.load_checkpoint(args.eval)
     cfg = make_config(flags(args), args.preset, base=state["config"])
+    set_up_process(cfg)
     splits = data.splits_for(cfg, ("test",))
     accuracy, ci95 = training.checkpoint_accuracy(cfg, state, splits, pick_device(cfg.device))
     print(f"test accuracy: {100 * accuracy:.2f}% ± {100 * ci95:.2f}% (95% CI, {cfg.eval_episodes} episodes)")
@@ -192,6 +205,15 @@ def run_bench(cfg, which):
     bench.run(cfg, data.splits_for(cfg, ("train", "val")), device, which)
 
 
+def set_up_process(cfg, search=False):
+    """Settings of the whole process, made here rather than in modules people copy. CPU threads: a score
+    depends on them, so a search fixes them (one per candidate unless --threads says otherwise)."""
+    if search and not cfg.threads:
+        cfg.threads = 1
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+
+
 def flags(args):
     """The Config fields given on the command line."""
     return {k: v for k, v in vars(args).items() if k in Config.__dataclass_fields__}
@@ -202,6 +224,7 @@ def run(args):
     if args.eval is not None:
         return run_eval(args)
     cfg = make_config(flags(args), args.preset)
+    set_up_process(cfg, search=args.search)
     if args.search:
         run_search(cfg)
     elif args.inspect:

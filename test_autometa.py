@@ -9,6 +9,7 @@ import random
 import subprocess
 import sys
 import time
+from datetime import timedelta
 
 import numpy as np
 import pytest
@@ -28,6 +29,7 @@ import pnas
 import report
 import scoring
 from files import write_json
+import team
 from team import Team
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -1070,14 +1072,11 @@ def fake_rank(out, seconds=0.02, slow=1, crash_after=0, stall_after=0, minutes=1
         time.sleep(seconds * (slow if team.rank == 1 else 1))
         return {"accuracy": fake_accuracy(cell), "ci95": 0.01, "params": team.rank}
 
-    try:
-        if team.rank == 0:
-            run_fake_search(out, score=score, job=team, predictor=cheap_predictor())
-            team.dismiss()
-        else:
-            team.serve(score)
-    finally:
-        team.leave()
+    if team.rank == 0:
+        run_fake_search(out, score=score, job=team, predictor=cheap_predictor())
+        team.dismiss()
+    else:
+        team.serve(score)
 
 
 def results(path, ignore=("seconds", "params")):
@@ -1123,18 +1122,69 @@ def test_a_hung_rank_fails_the_job_after_wait_minutes_with_a_clear_message(tmp_p
     assert len(read_lines(tmp_path / "search.jsonl")) >= 1
 
 
-def test_tiny_search_under_torchrun_matches_one_process(tmp_path):
-    one_thread = dict(os.environ, OMP_NUM_THREADS="1")  # torchrun's default: CPU scores depend on the thread count
-    alone = subprocess.run([sys.executable, "autometa.py", "--search", "--out", str(tmp_path / "one"), *TINY],
-                           cwd=HERE, capture_output=True, text=True, timeout=300, env=one_thread)
+@pytest.fixture(scope="module")
+def one_worker(tmp_path_factory):
+    """The tiny search in one process, one candidate at a time (its OUT folder)."""
+    out = tmp_path_factory.mktemp("one") / "run"
+    alone = cli("--search", "--out", str(out), *TINY, "--workers", "1")
     assert alone.returncode == 0, alone.stderr
+    return out
+
+
+def assert_same_search(out, reference):
+    """The same log records (but the clock) and the same best cell and scores as the search in `reference`."""
+    one, two = (results(run / "search.jsonl", ignore=["seconds"]) for run in (reference, out))
+    assert two == one and len(one) == 9
+    best = [json.loads((run / "best.json").read_text()) for run in (reference, out)]
+    assert [{k: b[k] for k in ("cell", "accuracy", "ci95", "rescore")} for b in best] == [
+        {k: best[0][k] for k in ("cell", "accuracy", "ci95", "rescore")}] * 2
+
+
+def test_tiny_search_under_torchrun_matches_one_process(tmp_path, one_worker):
+    # Scores on a CPU depend on the thread count: a search fixes it (--threads, 1), whatever OMP_NUM_THREADS says.
     shared = torchrun("autometa.py", "--search", "--out", str(tmp_path / "two"), *TINY, timeout=300)
     assert shared.returncode == 0, shared.stderr
-    one, two = (results(tmp_path / run / "search.jsonl", ignore=["seconds"]) for run in ("one", "two"))
-    assert two == one and len(one) == 5
-    best = [json.loads((tmp_path / run / "best.json").read_text()) for run in ("one", "two")]
-    assert [b["cell"] for b in best] == [best[0]["cell"]] * 2 and best[0]["accuracy"] == best[1]["accuracy"]
-    assert "shared among 2 processes" in shared.stdout and shared.stdout.count("[level") == 5
+    assert_same_search(tmp_path / "two", one_worker)
+    assert "shared among 2 processes (torchrun)" in shared.stdout and shared.stdout.count("[level") == 6
+
+
+def test_tiny_search_with_two_workers_matches_one_worker(tmp_path, one_worker):
+    shared = cli("--search", "--out", str(tmp_path / "two"), *TINY, "--workers", "2")
+    assert shared.returncode == 0, shared.stderr
+    assert_same_search(tmp_path / "two", one_worker)
+    assert "shared among 2 processes (--workers)" in shared.stdout and shared.stdout.count("[level") == 6
+    refused = torchrun("autometa.py", "--search", "--out", str(tmp_path / "three"), *TINY, "--workers", "2")
+    assert refused.returncode != 0 and "--workers 2 under torchrun" in refused.stderr
+
+
+def test_a_worker_that_stops_ends_the_search_at_once_with_a_sentence(tmp_path):
+    cfg = config.make_config({"out": str(tmp_path)})
+    store = torch.distributed.TCPStore("127.0.0.1", 0, 2, is_master=True, wait_for_workers=False)
+    workers = team.Workers(cfg, 2, store.port)
+    workers.command = [sys.executable, "-c", "import sys; sys.exit(3)"]  # as a worker with bad input would
+    started = time.time()
+    with pytest.raises(pnas.SearchError, match="worker process 1 stopped with exit status 3.*rerun the same command"):
+        Team(store, 0, 2, timedelta(minutes=5), workers).barrier()
+    assert time.time() - started < 60
+
+
+def test_config_flags_give_the_config_back_and_default_workers():
+    for cfg in (config.make_config({}), config.make_config({"ops": "conv_3x3,identity", "cache_dir": ""}, "paper")):
+        args = autometa.make_parser().parse_args(["--search", *config.config_flags(cfg)])
+        assert config.make_config(autometa.flags(args)) == cfg
+    cores = len(os.sched_getaffinity(0))
+    cpu = torch.device("cpu")
+    assert config.default_workers(config.Config(threads=1), cpu) == cores
+    assert config.default_workers(config.Config(threads=2 * cores), cpu) == 1
+
+
+def test_workers_share_gpus_round_robin(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: None)
+    assert [team.rank_device(torch.device("cuda"), r).index for r in range(5)] == [0, 1, 0, 1, 0]
+    assert team.rank_device(torch.device("cuda", 1), 0) == torch.device("cuda", 1)  # cuda:N: that GPU for all
+    assert team.rank_device(torch.device("cpu"), 3) == torch.device("cpu")
+    assert config.default_workers(config.Config(), torch.device("cuda")) == min(8, len(os.sched_getaffinity(0)))
 
 
 # ---------------------------------------------------------------------------- fastcpu.py
