@@ -207,11 +207,14 @@ def run_bench(cfg, which):
 
 def set_up_process(cfg, search=False):
     """Settings of the whole process, made here rather than in modules people copy. CPU threads: a score
-    depends on them, so a search fixes them (one per candidate unless --threads says otherwise)."""
+    depends on them, so a search fixes them (one per candidate unless --threads says otherwise). On CUDA,
+    deterministic convolutions and matrix products, so that a seed gives the same log (docs/speed.md)."""
     if search and not cfg.threads:
         cfg.threads = 1
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # read when CUDA's first matrix product runs
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
 
 
 def flags(args):

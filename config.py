@@ -166,17 +166,21 @@ def check_resume(cfg, kind="search"):
 
 
 def pick_device(name):
-    """'auto' -> CUDA when present, else CPU; a CUDA device asked for on a machine without one is an error."""
+    """'auto' -> CUDA when present, else CPU; a CUDA device this machine does not have is an error."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         device = torch.device(name)
     except RuntimeError as e:
         raise ConfigError(f"--device {name!r} is not a device: use auto, cpu, cuda or cuda:N") from e
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"--device {name} was asked for but this machine has no CUDA GPU: use --device cpu")
     if device.type not in ("cpu", "cuda"):
         raise ConfigError(f"--device {name} is not supported: use auto, cpu, cuda or cuda:N")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {name} was asked for but this machine has no CUDA GPU: use --device cpu")
+    gpus = torch.cuda.device_count() if device.type == "cuda" else 0
+    if device.index is not None and device.index >= gpus:
+        raise ConfigError(f"--device {name} names GPU {device.index}, but this machine has {gpus} "
+                          f"(cuda:0 to cuda:{gpus - 1}): pass one of those, or cuda")
     return device
 
 

@@ -35,6 +35,7 @@ def make_scorer(cfg, splits, device):
     Every candidate is meta-trained from its own seed for cfg.meta_iters iterations on training
     episodes, then adapted and tested on the same cfg.eval_episodes validation episodes (with
     fresh=True: other validation episodes, the same for every cell, to re-score the best ones).
+    On a GPU, an error that leaves it unusable raises pnas.SearchError, which ends the search.
     """
     def episodes(offset):
         return data.fixed_episodes(splits["val"], cfg.ways, cfg.shots, cfg.queries, cfg.eval_episodes,
@@ -45,7 +46,16 @@ def make_scorer(cfg, splits, device):
     def score(cell, trial=0, fresh=False):
         cell = pnas.canonical(cell)  # the same network, weights and seed however the cell is written
         seed = candidate_seed(cfg.seed, cell, trial)
-        return train_and_score(cfg, splits, device, cell, seed, fresh_episodes if fresh else search_episodes)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()  # start clean: no blocks cached by an earlier candidate, which may have run out
+        try:
+            return train_and_score(cfg, splits, device, cell, seed, fresh_episodes if fresh else search_episodes)
+        except Exception as e:
+            if device.type == "cuda" and not isinstance(e, torch.OutOfMemoryError) and gpu_lost(device):
+                raise pnas.SearchError(f"{device} hit a CUDA error that leaves it unusable in this process "
+                                       f"({type(e).__name__}: {(str(e).splitlines() or [''])[0]}); every result so "
+                                       f"far is in {cfg.out}/search.jsonl: rerun the same command to resume") from e
+            raise
 
     return score
 
@@ -66,3 +76,13 @@ def train_and_score(cfg, splits, device, cell, seed, episodes):
         return dict(accuracy=None, ci95=None, status="diverged", error=str(e), seed=seed)
     return {"accuracy": round(accuracy, 5), "ci95": round(ci95, 5), "params": cells.count_parameters(model),
             "seed": seed}
+
+
+def gpu_lost(device):
+    """Whether a CUDA error has left this process's context on `device` unusable (a "sticky" error such as an
+    illegal memory access): then every later CUDA call fails too, and only a new process clears it."""
+    try:
+        torch.ones(1, device=device).add_(1).cpu()  # waits for the GPU, so it reports any pending error
+    except RuntimeError:
+        return True
+    return False

@@ -1187,6 +1187,61 @@ def test_workers_share_gpus_round_robin(monkeypatch):
     assert config.default_workers(config.Config(), torch.device("cuda")) == min(8, len(os.sched_getaffinity(0)))
 
 
+# ---------------------------------------------------------------------------- CUDA errors (made up on a CPU)
+
+def test_a_gpu_that_is_not_there_exits_2_with_a_sentence(monkeypatch, capsys, tmp_path):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert config.pick_device("cuda:1") == torch.device("cuda", 1)
+    assert autometa.main(["--search", "--device", "cuda:2", "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "--device cuda:2 names GPU 2, but this machine has 2 (cuda:0 to cuda:1)" in err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+def test_out_of_memory_fails_one_candidate_and_a_lost_gpu_stops_the_search(monkeypatch, tmp_path):
+    cfg = config.Config(ways=3, shots=1, queries=2, channels=4, meta_iters=2, eval_episodes=3, meta_batch=1,
+                        image_size=28, out=str(tmp_path))
+    splits = data.synthetic_splits(28, 0)
+    a, b = ((1, "conv_3x3", 0, "identity"),), ((0, "max_pool_3x3", 1, "avg_pool_3x3"),)
+    expected = scoring.make_scorer(cfg, splits, torch.device("cpu"))(b)
+    errors, lost, train = [], [], scoring.train_and_score
+
+    def on_a_made_up_gpu(cfg, splits, device, cell, seed, episodes):  # trains on the CPU, fails when told to
+        if errors:
+            raise errors.pop()
+        return train(cfg, splits, torch.device("cpu"), cell, seed, episodes)
+
+    monkeypatch.setattr(scoring, "train_and_score", on_a_made_up_gpu)
+    monkeypatch.setattr(scoring, "gpu_lost", lambda device: bool(lost))
+    score = scoring.make_scorer(cfg, splits, torch.device("cuda"))
+    errors.append(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"))
+    failed = pnas.score_safely(score, a)
+    assert failed["status"] == "failed" and failed["error"].startswith("OutOfMemoryError: CUDA out of memory")
+    assert score(b) == expected  # the next candidate is untouched
+    errors.append(RuntimeError("CUDA error: an illegal memory access was encountered"))
+    assert pnas.score_safely(score, a)["status"] == "failed"  # the GPU still works: one failed candidate
+    errors.append(RuntimeError("CUDA error: an illegal memory access was encountered"))
+    lost.append(True)
+    with pytest.raises(pnas.SearchError, match="unusable in this process.*illegal memory access.*rerun the same"):
+        pnas.score_safely(score, a)
+    scored = []
+
+    def stops_at_the_third(cell):
+        if len(scored) == 2:
+            raise pnas.SearchError("the GPU is lost")
+        scored.append(cell)
+        return {"accuracy": fake_accuracy(cell), "ci95": 0.01, "params": 1}
+
+    with pytest.raises(pnas.SearchError, match="the GPU is lost"):
+        run_fake_search(tmp_path / "search", score=stops_at_the_third)
+    assert len(read_lines(tmp_path / "search" / "search.jsonl")) == 2
+    store = torch.distributed.TCPStore("127.0.0.1", 0, 1, is_master=True, wait_for_workers=False)
+    scored.clear()
+    with pytest.raises(pnas.SearchError, match="the GPU is lost"):  # rank 0's scoring thread tells its main thread
+        list(Team(store, 0, 1, timedelta(minutes=1)).score_all(stops_at_the_third, [a, b, a, b]))
+
+
 # ---------------------------------------------------------------------------- fastcpu.py
 
 import fastcpu  # noqa: E402  (here, so that this section stays self-contained)
