@@ -170,12 +170,18 @@ class Team:
             raise
         helper.join()
 
+    def wait_until_serving(self):
+        """On rank 0: wait until every other rank is ready to score (--bench times a level from then on)."""
+        self._wait(lambda: self.store.add("autometa/serving", 0) >= self.size - 1,
+                   f"the other ranks were not ready to score after {self._minutes()}: one has hung or died")
+
     def dismiss(self):
         """On rank 0: tell the other ranks the search is over."""
         self._post(None)
 
     def serve(self, score):
         """On the other ranks: score the cells rank 0 posts, level after level, until it dismisses us."""
+        self.store.add("autometa/serving", 1)
         while True:
             keys = self._next_level()
             try:

@@ -1546,7 +1546,7 @@ def test_speedups_batch_evaluation_of_small_networks_on_a_cpu_and_fall_back_wher
 
 def test_bench_runs_end_to_end_on_a_tiny_setting():
     result = cli("--bench", "--image-size", "16", "--queries", "1", "--meta-batch", "1", "--channels", "16",
-                 "--reductions", "1", "--eval-episodes", "4")
+                 "--reductions", "1", "--eval-episodes", "4", "--meta-iters", "3")
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     for title in ("conv4, second order", "conv4, first order", "autometa cell, first order"):
@@ -1557,7 +1557,11 @@ def test_bench_runs_end_to_end_on_a_tiny_setting():
         check = lines[lines.index(next(line for line in lines if line.startswith(title + ": peak"))) + 1]
         assert float(check.split(" in float64")[0].split()[-1]) < 1e-9  # the same meta-gradient, up to rounding
     assert any(line.startswith("episode sampler:") for line in lines)
-    assert any(line.startswith("search candidate") for line in lines)
+    assert any(line.startswith("search candidate (autometa cell)") for line in lines)
+    workers = config.default_workers(config.Config(threads=1), torch.device("cpu"))
+    rates = [line for line in lines if "candidates/min" in line]
+    assert rates[0].startswith("  1 worker: ") and len(rates) == (2 if workers > 1 else 1)
+    assert workers == 1 or rates[1].startswith(f"  {workers} workers (the default here): ")
 
 
 def test_bench_of_one_workload_times_only_that_one():
