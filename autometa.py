@@ -8,12 +8,13 @@ Commands (see README.md for the figures they produce):
     python autometa.py --train runs/search/best.json  # meta-train a found cell (or conv4, autometa)
     python autometa.py --eval runs/train-best/best.pt # test accuracy, 95% CI over fixed test episodes
     python autometa.py --draw autometa --out cell.png # a picture of a cell (built-in, JSON file or inline JSON)
+    python autometa.py --search --workers 1           # one candidate at a time (default: one per CPU core)
     torchrun --nproc_per_node=4 autometa.py --search  # the same search, candidates shared by 4 processes
     python autometa.py --bench conv4 --preset paper   # seconds per meta-step, with and without fastcpu.py
 
 Settings live in `config.Config`; a preset fills it and every flag overrides one field. What the
 commands run lives in modules named for it: scoring.py (a candidate's score), pnas.py (the search),
-training.py (--train, --eval), team.py (torchrun), bench.py (--bench), report.py (pictures).
+training.py (--train, --eval), team.py (--workers, torchrun), bench.py (--bench), report.py (pictures).
 """
 import argparse
 import dataclasses
@@ -23,6 +24,8 @@ import statistics
 import sys
 import time
 
+import torch
+
 import bench
 import cells
 import data
@@ -31,8 +34,8 @@ import pnas
 import report
 import team
 import training
-from config import (PRESETS, Config, ConfigError, check_resume, config_dict, field_help, make_config, pick_device,
-                    train_out)
+from config import (PRESETS, Config, ConfigError, check_resume, config_dict, default_workers, field_help, make_config,
+                    pick_device, train_out)
 from files import FolderError, hold, write_json, writing
 from scoring import make_scorer
 
@@ -74,10 +77,18 @@ def flag_help(f, text):
 
 
 def run_search(cfg):
-    """The --search command, in this process or, started by torchrun, shared among the job's processes."""
-    if team.launched_by_torchrun():
+    """The --search command: in this process, in the `--workers` processes it starts, or shared among the
+    processes of a torchrun job."""
+    if team.in_a_team():
+        if cfg.workers > 1:
+            raise ConfigError(f"--workers {cfg.workers} under torchrun: torchrun starts the processes here, so drop "
+                              "--workers and set torchrun's --nproc_per_node")
         return team.run_search(cfg, lead=search)
-    return search(cfg, pick_device(cfg.device))
+    device = pick_device(cfg.device)
+    workers = cfg.workers or default_workers(cfg, device)
+    if workers > 1:
+        return team.run_workers(cfg, workers, lead=search)
+    return search(cfg, device)
 
 
 def search(cfg, device, job=None):
@@ -92,7 +103,7 @@ def search_here(cfg, device, job):
     splits = data.splits_for(cfg, ("train", "val"))
     if job is not None:
         job.barrier()
-        print(f"candidates shared among {job.size} processes (torchrun)")
+        print(f"candidates shared among {job.size} processes ({job.started_by})")
     print(f"search: {cfg.blocks} blocks, beam {cfg.beam} ({cfg.sampler}) + {cfg.probe} probes, {cfg.ways}-way "
           f"{cfg.shots}-shot on {cfg.data} ({cfg.image_size}x{cfg.image_size}), {cfg.meta_iters} meta-iterations "
           f"per candidate, device {device}")
@@ -161,6 +172,7 @@ def run_eval(args):
     for label, path in training.checkpoints(args.eval):
         state = training.load_checkpoint(path)
         cfg = make_config(flags(args), args.preset, base=state["config"])
+        set_up_process(cfg)
         accuracy, ci95 = training.checkpoint_accuracy(cfg, state, data.splits_for(cfg, ("test",)),
                                                       pick_device(cfg.device))
         print(f"{label + ': ' if label else ''}test accuracy: {100 * accuracy:.2f}% ± {100 * ci95:.2f}% "
@@ -202,6 +214,18 @@ def run_bench(cfg, which):
     bench.run(cfg, data.splits_for(cfg, ("train", "val")), device, which)
 
 
+def set_up_process(cfg, search=False):
+    """Settings of the whole process, made here rather than in modules people copy. CPU threads: a score
+    depends on them, so a search fixes them (one per candidate unless --threads says otherwise). On CUDA,
+    deterministic convolutions and matrix products, so that a seed gives the same log (docs/speed.md)."""
+    if search and not cfg.threads:
+        cfg.threads = 1
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # read when CUDA's first matrix product runs
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+
+
 def flags(args):
     """The Config fields given on the command line."""
     return {k: v for k, v in vars(args).items() if k in Config.__dataclass_fields__}
@@ -212,6 +236,7 @@ def run(args):
     if args.eval is not None:
         return run_eval(args)
     cfg = make_config(flags(args), args.preset)
+    set_up_process(cfg, search=args.search)
     if args.search:
         run_search(cfg)
     elif args.inspect:

@@ -1,14 +1,17 @@
-"""--bench: seconds per MAML meta-step with fastcpu.py's speed-ups ("ours") and without ("loop").
+"""--bench: seconds per MAML meta-step with the command line's speed-ups ("ours") and without ("loop"),
+and the default search's candidates per minute with one worker and with its default number.
 
-Without them, maml.py adapts one task at a time, each inner step an ``autograd.grad(create_graph=True)``
-on the task's own fast weights: the per-task loop that learn2learn and higher run. Both are timed
-in one process on the same task batch, interleaved, and compared on their meta-gradients. On CPU
-every workload is timed twice: first with glibc's default allocator (a fresh process, as those
-libraries run), then after ``fastcpu.reuse_freed_memory()`` (as autometa.py runs), which speeds up
-both. Run it as
+Without speed-ups, maml.py adapts one task at a time, each inner step an ``autograd.grad(create_graph=True)``
+on the task's own fast weights: the per-task loop that learn2learn and higher run. "Ours" is what
+speedups.py chooses: fastcpu.py on a CPU, every task of the meta-batch at once (batched.py) on a GPU.
+Both are timed in one process on the same task batch, interleaved, and compared on their
+meta-gradients. On CPU every workload is timed twice: first with glibc's default allocator (a fresh
+process, as those libraries run), then after ``fastcpu.reuse_freed_memory()`` (as autometa.py runs),
+which speeds up both. Run it as
 
     python autometa.py --bench conv4 --preset paper    # MAML's conv4 on the Mini-ImageNet workload
     python autometa.py --bench cell                    # the Auto-Meta cell at the default search's size
+    python autometa.py --bench search                  # candidates per minute, 1 worker and --workers 0
 """
 import contextlib
 import copy
@@ -26,22 +29,22 @@ import cells
 import data
 import fastcpu
 import maml
+import pnas
+import speedups
+import team
+from config import default_workers
 from scoring import build_model, make_scorer
 
-WORKLOADS = ("all", "conv4", "cell")
+WORKLOADS = ("all", "conv4", "cell", "search")
 METHODS = ("ours", "loop")
 REPEATS = 5  # timed meta-steps per method, workload and allocator (after one warm-up step); medians are reported
 CANDIDATE_ITERS, CANDIDATE_EPISODES = 10, 20  # the timed search candidate; the full one is extrapolated
+SEARCH_ROUNDS = 2  # timed candidates per worker of the default setting, after a first one each that is not timed
 
 
-@contextlib.contextmanager
 def method(name, model, first_order):
-    """Within it, `layout(tasks)` prepares a task batch for `name`: fastcpu.py's speed-ups on ("ours") or off."""
-    if name == "ours":
-        with fastcpu.speedups(model, first_order) as layout:
-            yield layout
-    else:
-        yield lambda tasks: tasks
+    """The Speedups of `name`: what the command line runs ("ours", speedups.py) or maml.py as written ("loop")."""
+    return speedups.choose(model, first_order) if name == "ours" else speedups.PLAIN
 
 
 def synchronize(device):
@@ -55,20 +58,19 @@ def time_methods(model, tasks, steps, lr, meta_lr, first_order, repeats, device)
     runs = {}
     for name in METHODS:
         m = copy.deepcopy(model)
-        with method(name, m, first_order) as layout:
-            batch = layout(tasks)  # the layout check runs once, here, not in the timed steps
-        runs[name] = (m, torch.optim.Adam(m.parameters(), lr=meta_lr), batch, [])
-    for r in range(repeats + 1):  # round 0 warms up (allocations) and is not counted
+        fast = method(name, m, first_order)
+        batch = fast.layout(tasks)  # the layout check runs once, here, not in the timed steps
+        runs[name] = (m, torch.optim.Adam(m.parameters(), lr=meta_lr), batch, fast.meta_loss, [])
+    for r in range(repeats + 1):  # round 0 warms up (allocations, the vmap check) and is not counted
         for name in (METHODS if r % 2 else reversed(METHODS)):  # alternate the order: neither always runs first
-            m, optimizer, batch, seconds = runs[name]
-            with method(name, m, first_order):
-                synchronize(device)
-                start = time.perf_counter()
-                maml.meta_step(m, optimizer, batch, steps, lr, first_order)
-                synchronize(device)
+            m, optimizer, batch, meta_loss, seconds = runs[name]
+            synchronize(device)
+            start = time.perf_counter()
+            maml.meta_step(m, optimizer, batch, steps, lr, first_order, meta_loss)
+            synchronize(device)
             if r > 0:
                 seconds.append(time.perf_counter() - start)
-    return {name: statistics.median(seconds) for name, (_, _, _, seconds) in runs.items()}
+    return {name: statistics.median(run[-1]) for name, run in runs.items()}
 
 
 def meta_gradients(model, tasks, steps, lr, first_order):
@@ -76,9 +78,9 @@ def meta_gradients(model, tasks, steps, lr, first_order):
     grads = {}
     for name in METHODS:
         params = dict(model.named_parameters())
-        with method(name, model, first_order) as layout:
-            loss, _ = maml.meta_loss(model, params, layout(tasks), steps, lr, first_order)
-            grads[name] = torch.autograd.grad(loss, list(params.values()))
+        fast = method(name, model, first_order)
+        loss, _ = fast.meta_loss(model, params, fast.layout(tasks), steps, lr, first_order)
+        grads[name] = torch.autograd.grad(loss, list(params.values()))
     return grads
 
 
@@ -101,10 +103,12 @@ def peak_memory(name, model, tasks, steps, lr, first_order, device):
     """Peak bytes of tensors alive during one meta-loss forward and backward, above what was alive before."""
     params = dict(model.named_parameters())
 
+    fast = method(name, model, first_order)
+    batch = fast.layout(tasks)
+
     def forward_backward():
-        with method(name, model, first_order) as layout:
-            loss, _ = maml.meta_loss(model, params, layout(tasks), steps, lr, first_order)
-            torch.autograd.grad(loss, list(params.values()))
+        loss, _ = fast.meta_loss(model, params, batch, steps, lr, first_order)
+        torch.autograd.grad(loss, list(params.values()))
 
     if device.type == "cuda":
         synchronize(device)
@@ -200,14 +204,17 @@ def run(cfg, splits, device, which="all"):
     print(f"bench: {cfg.ways}-way {cfg.shots}-shot, {cfg.queries} queries, {cfg.image_size}x{cfg.image_size} "
           f"images ({cfg.data}), meta-batch {cfg.meta_batch}, {cfg.inner_steps} inner steps of lr {cfg.inner_lr}, "
           f"Adam; device {device}, {torch.get_num_threads()} threads; medians of {REPEATS} meta-steps")
-    jobs = workloads(cfg, which, device)
-    seconds = time_workloads(jobs, tasks, cfg, device)
-    check_workloads(jobs, tasks, cfg, device)
-    rate = sampler_rate(sampler, cfg.meta_batch)
-    print(f"episode sampler: {rate * cfg.meta_batch:.0f} episodes/s ({1000 / rate:.1f} ms per batch of "
-          f"{cfg.meta_batch})")
+    if which != "search":
+        jobs = workloads(cfg, which, device)
+        seconds = time_workloads(jobs, tasks, cfg, device)
+        check_workloads(jobs, tasks, cfg, device)
+        rate = sampler_rate(sampler, cfg.meta_batch)
+        print(f"episode sampler: {rate * cfg.meta_batch:.0f} episodes/s ({1000 / rate:.1f} ms per batch of "
+              f"{cfg.meta_batch})")
     if which in ("all", "cell"):
         time_candidate(cfg, splits, device, seconds)
+    if which in ("all", "search"):
+        time_search(cfg, splits, device)
 
 
 def sampler_rate(sampler, meta_batch, seconds=1.0):
@@ -233,3 +240,48 @@ def time_candidate(cfg, splits, device, seconds):
     rest = max(elapsed - CANDIDATE_ITERS * step, 0.0) * cfg.eval_episodes / CANDIDATE_EPISODES
     print(f"  so about {(cfg.meta_iters * step + rest) / 60:.1f} min for this config's {cfg.meta_iters} "
           f"meta-iterations and {cfg.eval_episodes} validation episodes")
+
+
+def time_search(cfg, splits, device):
+    """Print the search's candidates per minute with one worker and with --workers 0 (its default), on the
+    same seeded sample of its first-level cells, each process at the search's threads (--threads, 1)."""
+    cfg = dataclasses.replace(cfg, threads=cfg.threads or 1)
+    workers = cfg.workers or default_workers(cfg, device)
+    first = pnas.first_level(cfg.ops, workers * (SEARCH_ROUNDS + 1), cfg.seed)
+    warm, timed = first[:workers], first[workers:]
+    print(f"search candidates ({cfg.meta_iters} meta-iterations and {cfg.eval_episodes} validation episodes each; "
+          f"{len(timed)} timed after a first one per worker; {cfg.threads} thread(s) per worker, device {device}):")
+    fastcpu.reuse_freed_memory()  # as in a search process
+    before = torch.get_num_threads()
+    torch.set_num_threads(cfg.threads)
+    try:
+        alone = level_rate(make_scorer(cfg, splits, device), pnas.score_each, warm[:1], timed)
+        print(f"  1 worker: {alone:.2f} candidates/min", flush=True)
+        if workers > 1:
+            shared = team.run_workers(cfg, workers, lead=lambda cfg, device, job: team_rate(job, cfg, splits, device,
+                                                                                            warm, timed))
+            print(f"  {workers} workers (the default here): {shared:.2f} candidates/min, {shared / alone:.2f}x")
+    finally:
+        torch.set_num_threads(before)
+
+
+def team_rate(job, cfg, splits, device, warm, timed):
+    """level_rate as rank 0 of a --workers team, once every worker is ready to score; then dismiss them."""
+    job.barrier()  # starts the other workers
+    score = make_scorer(cfg, splits, device)
+    job.wait_until_serving()
+    rate = level_rate(score, job.score_all, warm, timed)
+    job.dismiss()
+    return rate
+
+
+def level_rate(score, score_cells, warm, timed):
+    """Candidates per minute of score_cells(score, timed), after score_cells(score, warm) untimed: every
+    process's first candidate also sets up its kernels and memory."""
+    list(score_cells(score, warm))
+    start = time.perf_counter()
+    failed = [result for _, result in score_cells(score, timed) if result["status"] == "failed"]
+    seconds = time.perf_counter() - start
+    if failed:
+        raise pnas.SearchError(f"a timed candidate failed ({failed[0]['error']})")
+    return 60 * len(timed) / seconds

@@ -50,6 +50,9 @@ class Config:
     val_every: int = 50          # --train validates and checkpoints every this many iterations
     log_every: int = 20          # --train prints a progress line every this many iterations
     device: str = "auto"         # 'auto' (CUDA if present), 'cpu', 'cuda' or 'cuda:N'
+    workers: int = 0             # --search: candidates trained at once, a process each (0: 1 per CPU core, 4 per GPU)
+    threads: int = 0             # CPU threads per process (0: 1 for --search, as scores depend on it; else torch's)
+    eval_batch: int = 0          # evaluation episodes adapted at once with torch.func.vmap (0: automatic; 1: none)
     wait_minutes: float = 60     # under torchrun: how long a process waits for another before failing
     seed: int = 0                # seeds data, episodes, candidates and the predictor
     out: str = "runs/search"     # output folder (search.jsonl, best.json, ...; --draw: the .png file)
@@ -74,8 +77,9 @@ PRESETS = {
 # Fields that do not change a run's results, so a resumed run may differ in them.
 RESUME_FREE = {
     "search": {"device", "out", "cache_dir", "wait_minutes", "train_iters", "val_episodes", "val_every", "log_every",
-               "seeds"},
-    "train": {"device", "out", "cache_dir", "wait_minutes", "train_iters", "eval_episodes", "log_every",
+               "seeds", "workers"},
+    "train": {"device", "workers", "threads", "eval_batch", "out", "cache_dir", "wait_minutes", "train_iters",
+              "eval_episodes", "log_every",
               "blocks", "beam", "ops", "max_first", "meta_iters", "sampler", "probe", "noise", "rescore",
               "rescore_seeds"},
 }
@@ -110,7 +114,8 @@ def check_config(cfg):
                  "rescore_seeds"):
         if getattr(cfg, name) <= 0:
             raise ConfigError(f"--{name.replace('_', '-')} is {getattr(cfg, name)}: it must be a positive integer")
-    for name in ("reductions", "inner_steps", "test_steps", "max_first", "probe", "noise", "rescore"):
+    for name in ("reductions", "inner_steps", "test_steps", "max_first", "probe", "noise", "rescore", "workers",
+                 "threads", "eval_batch"):
         if getattr(cfg, name) < 0:
             raise ConfigError(f"--{name.replace('_', '-')} is {getattr(cfg, name)}: it must be 0 or more")
     for name in ("inner_lr", "meta_lr", "wait_minutes"):
@@ -167,15 +172,42 @@ def check_resume(cfg, kind="search"):
 
 
 def pick_device(name):
-    """'auto' -> CUDA when present, else CPU; a CUDA device asked for on a machine without one is an error."""
+    """'auto' -> CUDA when present, else CPU; a CUDA device this machine does not have is an error."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         device = torch.device(name)
     except RuntimeError as e:
         raise ConfigError(f"--device {name!r} is not a device: use auto, cpu, cuda or cuda:N") from e
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"--device {name} was asked for but this machine has no CUDA GPU: use --device cpu")
     if device.type not in ("cpu", "cuda"):
         raise ConfigError(f"--device {name} is not supported: use auto, cpu, cuda or cuda:N")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {name} was asked for but this machine has no CUDA GPU: use --device cpu")
+    gpus = torch.cuda.device_count() if device.type == "cuda" else 0
+    if device.index is not None and device.index >= gpus:
+        raise ConfigError(f"--device {name} names GPU {device.index}, but this machine has {gpus} "
+                          f"(cuda:0 to cuda:{gpus - 1}): pass one of those, or cuda")
     return device
+
+
+WORKERS_PER_GPU = 4  # a default-search candidate fills a fraction of a GPU
+
+
+def default_workers(cfg, device):
+    """--workers 0: one single-thread worker per CPU core this process may use, or WORKERS_PER_GPU per GPU."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    if device.type == "cuda":
+        gpus = 1 if device.index is not None else torch.cuda.device_count()
+        return max(1, min(WORKERS_PER_GPU * gpus, cores))
+    return max(1, cores // max(cfg.threads, 1))
+
+
+def config_flags(cfg):
+    """The command-line flags that give `cfg` back, every field spelt out (what another process is started with)."""
+    flags = []
+    for name, value in config_dict(cfg).items():
+        if name == "first_order":
+            flags.append("--first-order" if value else "--second-order")
+        else:
+            flags += ["--" + name.replace("_", "-"), ",".join(value) if isinstance(value, list) else str(value)]
+    return flags

@@ -30,9 +30,16 @@ def speedups(model, first_order):
         with fastcpu.speedups(model, first_order) as layout:
             maml.meta_train(model, optimizer, lambda: layout(sampler.sample(4)), ...)
     """
+    cpu = next(model.parameters()).device.type == "cpu"
+    with contextlib.nullcontext() if first_order or not cpu else SecondOrderKernels():
+        yield layout_for(model)
+
+
+def layout_for(model):
+    """layout(tasks): on CPU, the task batch stored channels-last where that is safe for `model` (checked
+    once per shape); on other devices, or where it is not safe, the batch as it is."""
     if next(model.parameters()).device.type != "cpu":
-        yield lambda tasks: tasks
-        return
+        return lambda tasks: tasks
     safe = {}  # (support shape, query shape) -> whether channels-last gives the same outputs
 
     def layout(tasks):
@@ -45,8 +52,7 @@ def speedups(model, first_order):
             safe[shapes] = channels_last_ok(model, params, xs[0]) and channels_last_ok(model, params, xq[0])
         return (channels_last(xs), ys, channels_last(xq), yq) if safe[shapes] else tasks
 
-    with contextlib.nullcontext() if first_order else SecondOrderKernels():
-        yield layout
+    return layout
 
 
 def channels_last(images):

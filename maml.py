@@ -54,8 +54,12 @@ def meta_loss(model, params, tasks, steps, lr, first_order=False):
     return torch.stack(losses).mean(), torch.stack(correct).mean().item()
 
 
-def meta_step(model, optimizer, tasks, steps, lr, first_order=False):
-    """One outer update on a batch of tasks; returns (loss, accuracy) and raises Diverged on NaN/inf."""
+def meta_step(model, optimizer, tasks, steps, lr, first_order=False, meta_loss=meta_loss):
+    """One outer update on a batch of tasks; returns (loss, accuracy) and raises Diverged on NaN/inf.
+
+    `meta_loss` is this file's, or any function with its arguments and results (one that adapts the
+    tasks together, say).
+    """
     params = dict(model.named_parameters())
     loss, accuracy = meta_loss(model, params, tasks, steps, lr, first_order)
     if not torch.isfinite(loss):
@@ -71,11 +75,12 @@ def to_device(tasks, device):
     return tuple(t.to(device, non_blocking=True) for t in tasks)
 
 
-def meta_train(model, optimizer, sample, iterations, steps, lr, first_order=False, start=0, callback=None):
+def meta_train(model, optimizer, sample, iterations, steps, lr, first_order=False, start=0, callback=None,
+               meta_loss=meta_loss):
     """Meta-train for iterations start..iterations-1; `sample()` gives a task batch, `callback(i, loss, acc)`."""
     device = next(model.parameters()).device
     for i in range(start, iterations):
-        loss, accuracy = meta_step(model, optimizer, to_device(sample(), device), steps, lr, first_order)
+        loss, accuracy = meta_step(model, optimizer, to_device(sample(), device), steps, lr, first_order, meta_loss)
         if callback is not None:
             callback(i, loss, accuracy)
 
@@ -101,9 +106,10 @@ def episode_accuracies(model, params, episodes, steps, lr):
     return accuracies
 
 
-def evaluate(model, params, episodes, steps, lr):
-    """Mean query accuracy over `episodes` and its 95% interval, 1.96 * std / sqrt(n)."""
-    accuracies = episode_accuracies(model, params, episodes, steps, lr)
+def evaluate(model, params, episodes, steps, lr, per_episode=episode_accuracies):
+    """Mean query accuracy over `episodes` and its 95% interval, 1.96 * std / sqrt(n); `per_episode` is
+    episode_accuracies or a function with its arguments and result."""
+    accuracies = per_episode(model, params, episodes, steps, lr)
     n = len(accuracies)
     mean = sum(accuracies) / n
     std = math.sqrt(sum((a - mean) ** 2 for a in accuracies) / n)

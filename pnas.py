@@ -284,11 +284,14 @@ def best_of(records):
 
 def score_safely(score, cell):
     """Run score(cell); an exception inside it becomes a "failed" result, so one bad candidate
-    (out of memory, say) does not end a long search. A result may carry its own status."""
+    (out of memory, say) does not end a long search. A result may carry its own status. A SearchError
+    is the scorer saying that no candidate can be scored any more: it ends the search."""
     start = time.time()
     try:
         result = dict(score(cell))
         result.setdefault("status", "ok")
+    except SearchError:
+        raise
     except Exception as e:
         first_line = (str(e).splitlines() or [""])[0]
         result = dict(accuracy=None, ci95=None, status="failed", error=f"{type(e).__name__}: {first_line}")

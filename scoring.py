@@ -6,9 +6,9 @@ import torch
 
 import cells
 import data
-import fastcpu
 import maml
 import pnas
+import speedups
 
 
 def build_model(cfg, arch):
@@ -35,6 +35,7 @@ def make_scorer(cfg, splits, device):
     Every candidate is meta-trained from its own seed for cfg.meta_iters iterations on training
     episodes, then adapted and tested on the same cfg.eval_episodes validation episodes (with
     fresh=True: other validation episodes, the same for every cell, to re-score the best ones).
+    On a GPU, an error that leaves it unusable raises pnas.SearchError, which ends the search.
     """
     def episodes(offset):
         return data.fixed_episodes(splits["val"], cfg.ways, cfg.shots, cfg.queries, cfg.eval_episodes,
@@ -45,20 +46,43 @@ def make_scorer(cfg, splits, device):
     def score(cell, trial=0, fresh=False):
         cell = pnas.canonical(cell)  # the same network, weights and seed however the cell is written
         seed = candidate_seed(cfg.seed, cell, trial)
-        torch.manual_seed(seed)
-        model = build_model(cfg, cell).to(device)
-        sampler = data.EpisodeSampler(splits["train"], cfg.ways, cfg.shots, cfg.queries, seed)
-        optimizer = torch.optim.Adam(model.parameters(), lr=cfg.meta_lr)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()  # start clean: no blocks cached by an earlier candidate, which may have run out
         try:
-            with fastcpu.speedups(model, cfg.first_order) as layout:
-                maml.meta_train(model, optimizer, lambda: layout(sampler.sample(cfg.meta_batch)), cfg.meta_iters,
-                                cfg.inner_steps, cfg.inner_lr, cfg.first_order)
-                accuracy, ci95 = maml.evaluate(model, dict(model.named_parameters()),
-                                               map(layout, fresh_episodes if fresh else search_episodes),
-                                               cfg.test_steps, cfg.inner_lr)
-        except maml.Diverged as e:
-            return dict(accuracy=None, ci95=None, status="diverged", error=str(e), seed=seed)
-        return {"accuracy": round(accuracy, 5), "ci95": round(ci95, 5), "params": cells.count_parameters(model),
-                "seed": seed}
+            return train_and_score(cfg, splits, device, cell, seed, fresh_episodes if fresh else search_episodes)
+        except Exception as e:
+            if device.type == "cuda" and not isinstance(e, torch.OutOfMemoryError) and gpu_lost(device):
+                raise pnas.SearchError(f"{device} hit a CUDA error that leaves it unusable in this process "
+                                       f"({type(e).__name__}: {(str(e).splitlines() or [''])[0]}); every result so "
+                                       f"far is in {cfg.out}/search.jsonl: rerun the same command to resume") from e
+            raise
 
     return score
+
+
+def train_and_score(cfg, splits, device, cell, seed, episodes):
+    """Meta-train a fresh network of `cell` from `seed`, then score it on `episodes` (see make_scorer)."""
+    torch.manual_seed(seed)
+    model = build_model(cfg, cell).to(device)
+    sampler = data.EpisodeSampler(splits["train"], cfg.ways, cfg.shots, cfg.queries, seed)
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.meta_lr)
+    try:
+        fast = speedups.choose(model, cfg.first_order, cfg.eval_batch)
+        maml.meta_train(model, optimizer, lambda: fast.layout(sampler.sample(cfg.meta_batch)), cfg.meta_iters,
+                        cfg.inner_steps, cfg.inner_lr, cfg.first_order, meta_loss=fast.meta_loss)
+        accuracy, ci95 = maml.evaluate(model, dict(model.named_parameters()), map(fast.layout, episodes),
+                                       cfg.test_steps, cfg.inner_lr, fast.per_episode)
+    except maml.Diverged as e:
+        return dict(accuracy=None, ci95=None, status="diverged", error=str(e), seed=seed)
+    return {"accuracy": round(accuracy, 5), "ci95": round(ci95, 5), "params": cells.count_parameters(model),
+            "seed": seed}
+
+
+def gpu_lost(device):
+    """Whether a CUDA error has left this process's context on `device` unusable (a "sticky" error such as an
+    illegal memory access): then every later CUDA call fails too, and only a new process clears it."""
+    try:
+        torch.ones(1, device=device).add_(1).cpu()  # waits for the GPU, so it reports any pending error
+    except RuntimeError:
+        return True
+    return False

@@ -1,8 +1,10 @@
-"""Sharing a search among the processes of a torchrun job: each level's candidates go to whichever
-process is free, through the job's key-value store; rank 0 alone logs, fits the predictor and chooses."""
+"""Sharing a search among processes: each level's candidates go to whichever process is free,
+through a key-value store; rank 0 alone logs, fits the predictor and chooses. The processes are a
+torchrun job's, or those `--workers N` starts on this machine."""
 import json
 import os
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -13,99 +15,154 @@ import torch.distributed as dist
 
 import data
 import pnas
-from config import ConfigError, pick_device
+from config import config_flags, pick_device
 from scoring import make_scorer
 
+HERE = os.path.dirname(os.path.abspath(__file__))
 
-def launched_by_torchrun():
-    """Whether this process is one of several that torchrun started."""
+
+def in_a_team():
+    """Whether this process is one of several that torchrun, or a `--workers` search, started."""
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
 def run_search(cfg, lead):
-    """Every process of the job runs this: rank 0 calls lead(cfg, device, team), which searches with
+    """Every process of a torchrun job runs this: rank 0 calls lead(cfg, device, team), which searches with
     team.score_all; the other ranks score what it shares out until it dismisses them."""
     team = Team.join(cfg.wait_minutes)
+    device = rank_device(pick_device(cfg.device), int(os.environ.get("LOCAL_RANK", "0")))
+    if team.rank == 0:  # torchrun sends SIGTERM to stop the job, e.g. when another process has failed
+        signal.signal(signal.SIGTERM, lambda *_: stopped(cfg.out, "by torchrun (another process failed or the job "
+                                                                  "was interrupted)"))
+        return lead(cfg, device, team)
+    team.barrier()  # rank 0 decodes and caches the dataset first; this rank then reads the cache
+    team.serve(make_scorer(cfg, data.splits_for(cfg, ("train", "val")), device))
+
+
+def run_workers(cfg, count, lead):
+    """--workers N without torchrun: this process becomes rank 0 of a team and calls lead(cfg, device, team);
+    the team's first barrier starts the N - 1 other processes (see Workers)."""
+    timeout = timedelta(minutes=cfg.wait_minutes)
+    store = dist.TCPStore("127.0.0.1", 0, count, is_master=True, timeout=timeout, wait_for_workers=False)
+    workers = Workers(cfg, count, store.port)
+    before = signal.signal(signal.SIGTERM, lambda *_: (workers.stop(now=True), stopped(cfg.out, "by SIGTERM")))
     try:
-        device = rank_device(pick_device(cfg.device))
-        if team.rank == 0:  # torchrun sends SIGTERM to stop the job, e.g. when another process has failed
-            signal.signal(signal.SIGTERM, lambda *_: stopped_by_torchrun(cfg.out))
-            return lead(cfg, device, team)
-        team.barrier()  # rank 0 decodes and caches the dataset first; this rank then reads the cache
-        team.serve(make_scorer(cfg, data.splits_for(cfg, ("train", "val")), device))
+        return lead(cfg, rank_device(pick_device(cfg.device), 0), Team(store, 0, count, timeout, workers))
+    except BaseException:
+        workers.stop(now=True)
+        raise
     finally:
-        team.leave()
+        workers.stop()  # dismissed by the lead: they are ending
+        signal.signal(signal.SIGTERM, before)
 
 
-def rank_device(device):
-    """Under torchrun a CUDA device means this process's own GPU, cuda:LOCAL_RANK."""
+class Workers:
+    """The processes a `--workers N` search starts beside rank 0: the same search command, each with the
+    environment torchrun would give it (RANK, WORLD_SIZE, the store's address), so that it serves as a rank."""
+
+    def __init__(self, cfg, count, port):
+        self.command = [sys.executable, os.path.join(HERE, "autometa.py"), "--search", *config_flags(cfg),
+                        "--workers", "1"]
+        self.env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(count),
+                        LOCAL_WORLD_SIZE=str(count))
+        self.count, self.out, self.processes = count, cfg.out, []
+
+    def start(self):
+        """Start them, once: at rank 0's first barrier, when it has checked the settings and cached the data.
+        Each gets a session of its own, so that Ctrl-C reaches rank 0 alone, which then stops them."""
+        if not self.processes:
+            self.processes = [subprocess.Popen(self.command, env=dict(self.env, RANK=str(r), LOCAL_RANK=str(r)),
+                                               start_new_session=True) for r in range(1, self.count)]
+
+    def lost(self):
+        """Why the search cannot go on when one of them has ended before rank 0 dismissed it; else None."""
+        for rank, p in enumerate(self.processes, 1):
+            if p.poll() is not None:
+                return (f"worker process {rank} stopped with exit status {p.returncode} (its error is printed above); "
+                        f"every result so far is in {self.out}/search.jsonl: rerun the same command to resume")
+        return None
+
+    def stop(self, now=False, seconds=60):
+        """Wait for them to end (they do once dismissed), or with now=True end them at once."""
+        for p in self.processes:
+            if now:
+                p.terminate()
+        for p in self.processes:
+            try:
+                p.wait(seconds)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+
+
+def rank_device(device, local_rank):
+    """A team's process trains on `device`; plain 'cuda' means GPU local_rank, wrapping around the GPUs there
+    are, so that several processes share each GPU."""
     if device.type != "cuda":
         return device
-    local_rank, gpus = int(os.environ["LOCAL_RANK"]), torch.cuda.device_count()
-    if local_rank >= gpus:
-        raise ConfigError(f"torchrun started process {local_rank} on a machine with {gpus} GPU(s): "
-                          f"pass --nproc_per_node={gpus} or less")
-    torch.cuda.set_device(local_rank)
-    return torch.device("cuda", local_rank)
+    if device.index is None:
+        device = torch.device("cuda", local_rank % torch.cuda.device_count())
+    torch.cuda.set_device(device)
+    return device
 
 
-def stopped_by_torchrun(out):
+def stopped(out, why):
     """Say where the results are and exit now, without waiting for the candidate rank 0 is training."""
-    print(f"autometa: stopped by torchrun (another process failed or the job was interrupted); every result so "
-          f"far is in {out}/search.jsonl: rerun the same command to resume", file=sys.stderr, flush=True)
+    print(f"autometa: stopped {why}; every result so far is in {out}/search.jsonl: rerun the same command to resume",
+          file=sys.stderr, flush=True)
     os._exit(1)
 
 
 class Team:
-    """The processes of one torchrun job. Rank 0 searches with `score_cells=team.score_all`, the others
-    run `team.serve(score)`.
+    """The processes of one search. Rank 0 searches with `score_cells=team.score_all`, the others run
+    `team.serve(score)`.
 
-    Everything goes through the job's TCPStore, one round of keys per level. Rank 0 posts the cells
+    Everything goes through the team's TCPStore, one round of keys per level. Rank 0 posts the cells
     still to score; every rank (rank 0 in a helper thread) takes the next one from a counter, where
     `store.add` is atomic, so a rank that finishes early simply takes more and a level lasts about
     total work / ranks. Each result is pushed onto a queue in the store; rank 0 pops and logs it at
     once, so killing the job loses only the candidates being trained. Rank 0 alone reads and writes
-    files, fits the predictor and chooses the next level. No wait lasts longer than `timeout`.
+    files, fits the predictor and chooses the next level. No wait lasts longer than `timeout`; on rank 0
+    of a --workers search, none outlasts one of its `workers` (torchrun watches its own processes).
     """
 
-    def __init__(self, store, rank, size, timeout):
-        self.store, self.rank, self.size, self.timeout = store, rank, size, timeout
-        self.levels = 0  # levels shared so far; every level has its own keys in the store
+    def __init__(self, store, rank, size, timeout, workers=None):
+        self.store, self.rank, self.size, self.timeout, self.workers = store, rank, size, timeout, workers
+        self.started_by = "torchrun" if workers is None else "--workers"
+        self.levels = self.barriers = 0  # rounds of keys used so far; each has its own keys in the store
         self.stopping = threading.Event()  # set on rank 0 after an error: its helper thread takes no more cells
+        self.failure = None  # a SearchError met by rank 0's helper thread, raised by rank 0's main thread
 
     @classmethod
     def join(cls, minutes):
         """Join the job torchrun started: RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT are in the environment."""
         timeout = timedelta(minutes=minutes)
         store, rank, size = next(dist.rendezvous("env://", timeout=timeout))
-        # gloo on GPUs too: the process group only marks the job (and serves a barrier), no tensor is sent
-        dist.init_process_group("gloo", store=store, rank=rank, world_size=size, timeout=timeout)
         return cls(store, rank, size, timeout)
 
-    def leave(self):
-        dist.destroy_process_group()
-
     def barrier(self):
-        """Wait until every rank gets here."""
-        dist.barrier()
+        """Wait until every rank gets here (a --workers search starts its other ranks at the first)."""
+        if self.workers is not None:
+            self.workers.start()
+        self.barriers += 1
+        key = f"autometa/barrier-{self.barriers}"
+        self.store.add(key, 1)
+        self._wait(lambda: self.store.add(key, 0) >= self.size, f"rank {self.rank} waited {self._minutes()} for the "
+                   "others to start, so one has hung or died; rerun the same command to resume from search.jsonl")
 
     def score_all(self, score, cells):
         """On rank 0: score `cells` on all ranks, yielding (cell, result) in the order the results arrive."""
         keys = self._post(cells)
         # one store connection per thread, as Store.clone() is meant for. Not a daemon thread: Python
         # aborts when it exits while a daemon thread is inside torch, so after an error it lets the cell end.
-        helper = threading.Thread(target=self._work, args=(self.store.clone(), score, cells, keys))
+        helper = threading.Thread(target=self._work_beside, args=(self.store.clone(), score, cells, keys))
         helper.start()
         try:
             for waiting in range(len(cells), 0, -1):
-                deadline = time.monotonic() + self.timeout.total_seconds()
-                while self.store.queue_len(f"{keys}/results") == 0:  # polled, so that signals get through
-                    if time.monotonic() > deadline:
-                        raise pnas.SearchError(f"no result reached rank 0 for {self._minutes()} with {waiting} "
-                                          "candidate(s) of this level unfinished, so a process has hung or died; "
-                                          "every result so far is in search.jsonl: rerun the same command to resume "
-                                          "(raise --wait-minutes if one candidate can take longer)")
-                    time.sleep(0.05)
+                self._wait(lambda: self.store.queue_len(f"{keys}/results") > 0,
+                           f"no result reached rank 0 for {self._minutes()} with {waiting} candidate(s) of this level "
+                           "unfinished, so a process has hung or died; every result so far is in search.jsonl: "
+                           "rerun the same command to resume (raise --wait-minutes if one candidate can take longer)")
                 i, result = json.loads(self.store.queue_pop(f"{keys}/results", False))
                 yield cells[i], result
         except BaseException:  # an error here or in the caller (then GeneratorExit): take no more cells
@@ -113,23 +170,43 @@ class Team:
             raise
         helper.join()
 
+    def wait_until_serving(self):
+        """On rank 0: wait until every other rank is ready to score (--bench times a level from then on)."""
+        self._wait(lambda: self.store.add("autometa/serving", 0) >= self.size - 1,
+                   f"the other ranks were not ready to score after {self._minutes()}: one has hung or died")
+
     def dismiss(self):
         """On rank 0: tell the other ranks the search is over."""
         self._post(None)
 
     def serve(self, score):
         """On the other ranks: score the cells rank 0 posts, level after level, until it dismisses us."""
+        self.store.add("autometa/serving", 1)
         while True:
             keys = self._next_level()
             try:
                 self.store.wait([f"{keys}/cells"], self.timeout)
-            except dist.DistStoreError as e:
-                raise pnas.SearchError(f"rank {self.rank} heard nothing from rank 0 for {self._minutes()}, so it has "
-                                  "hung or died; rerun the same command to resume from search.jsonl") from e
+            except dist.DistError as e:  # no news in time, or rank 0 (which holds a --workers store) is gone
+                raise pnas.SearchError(f"rank {self.rank} heard nothing from rank 0 for {self._minutes()}, or lost it, "
+                                       "so it has hung or died; rerun the same command to resume from search.jsonl"
+                                       ) from e
             cells = json.loads(self.store.get(f"{keys}/cells"))
             if cells is None:
                 return
             self._work(self.store, score, [tuple(map(tuple, cell)) for cell in cells], keys)
+
+    def _wait(self, ready, message):
+        """On rank 0 or at a barrier: poll until ready(), so that signals get through and a lost process is
+        noticed; a SearchError with `message` once the timeout has passed."""
+        deadline = time.monotonic() + self.timeout.total_seconds()
+        while not ready():
+            if self.failure is not None:
+                raise self.failure
+            if self.workers is not None and (why := self.workers.lost()) is not None:
+                raise pnas.SearchError(why)
+            if time.monotonic() > deadline:
+                raise pnas.SearchError(message)
+            time.sleep(0.05)
 
     def _post(self, cells):
         """Post the cells of the next level (None: the search is over); return the prefix of its keys."""
@@ -141,6 +218,13 @@ class Team:
         """Take cells by index from the shared counter until none is left; push each result with its index."""
         while not self.stopping.is_set() and (i := store.add(f"{keys}/taken", 1) - 1) < len(cells):
             store.queue_push(f"{keys}/results", json.dumps([i, pnas.score_safely(score, cells[i])]))
+
+    def _work_beside(self, store, score, cells, keys):
+        """_work in rank 0's helper thread: a SearchError (the GPU is lost) goes to the main thread to raise."""
+        try:
+            self._work(store, score, cells, keys)
+        except pnas.SearchError as e:
+            self.failure = e
 
     def _next_level(self):
         self.levels += 1

@@ -1,5 +1,6 @@
 """Tests: each part against an independent reference. Run: python -m pytest -q"""
 import contextlib
+import copy
 import errno
 import functools
 import itertools
@@ -12,6 +13,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from datetime import timedelta
 
 import numpy as np
 import pytest
@@ -32,6 +34,7 @@ import report
 import scoring
 import files
 from files import write_json
+import team
 from team import Team
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -1438,14 +1441,11 @@ def fake_rank(out, seconds=0.02, slow=1, crash_after=0, stall_after=0, minutes=1
         time.sleep(seconds * (slow if team.rank == 1 else 1))
         return {"accuracy": fake_accuracy(cell), "ci95": 0.01, "params": team.rank}
 
-    try:
-        if team.rank == 0:
-            run_fake_search(out, score=score, job=team, predictor=cheap_predictor())
-            team.dismiss()
-        else:
-            team.serve(score)
-    finally:
-        team.leave()
+    if team.rank == 0:
+        run_fake_search(out, score=score, job=team, predictor=cheap_predictor())
+        team.dismiss()
+    else:
+        team.serve(score)
 
 
 def results(path, ignore=("seconds", "params")):
@@ -1491,20 +1491,128 @@ def test_a_hung_rank_fails_the_job_after_wait_minutes_with_a_clear_message(tmp_p
     assert len(read_lines(tmp_path / "search.jsonl")) >= 1
 
 
-def test_tiny_search_under_torchrun_matches_one_process(tmp_path):
-    alone = cli("--search", "--out", str(tmp_path / "one"), *TINY)  # one thread, as each torchrun process
+@pytest.fixture(scope="module")
+def one_worker(tmp_path_factory):
+    """The tiny search in one process, one candidate at a time (its OUT folder)."""
+    out = tmp_path_factory.mktemp("one") / "run"
+    alone = cli("--search", "--out", str(out), *TINY, "--workers", "1")
     assert alone.returncode == 0, alone.stderr
+    return out
+
+
+def assert_same_search(out, reference):
+    """The same log records (but the clock) and the same best cell and scores as the search in `reference`."""
+    one, two = (results(run / "search.jsonl", ignore=["seconds"]) for run in (reference, out))
+    assert two == one and len(one) == 9
+    best = [json.loads((run / "best.json").read_text()) for run in (reference, out)]
+    assert [{k: b[k] for k in ("cell", "accuracy", "ci95", "rescore")} for b in best] == [
+        {k: best[0][k] for k in ("cell", "accuracy", "ci95", "rescore")}] * 2
+
+
+def test_tiny_search_under_torchrun_matches_one_process(tmp_path, one_worker):
+    # Scores on a CPU depend on the thread count: a search fixes it (--threads, 1), whatever OMP_NUM_THREADS says.
     with files.hold(str(tmp_path / "two")):  # while another run (this process) holds --out, rank 0 refuses it
         refused = torchrun("autometa.py", "--search", "--out", str(tmp_path / "two"), *TINY, timeout=300)
     assert refused.returncode != 0 and f"in use by another run (process {os.getpid()})" in refused.stderr
     assert not (tmp_path / "two" / "search.jsonl").exists()
     shared = torchrun("autometa.py", "--search", "--out", str(tmp_path / "two"), *TINY, timeout=300)
     assert shared.returncode == 0, shared.stderr
-    one, two = (results(tmp_path / run / "search.jsonl", ignore=["seconds"]) for run in ("one", "two"))
-    assert two == one and len(one) == 3 + 3 + 1 + 2
-    best = [json.loads((tmp_path / run / "best.json").read_text()) for run in ("one", "two")]
-    assert [b["cell"] for b in best] == [best[0]["cell"]] * 2 and best[0]["accuracy"] == best[1]["accuracy"]
-    assert "shared among 2 processes" in shared.stdout and shared.stdout.count("[level") == 6
+    assert_same_search(tmp_path / "two", one_worker)
+    assert "shared among 2 processes (torchrun)" in shared.stdout and shared.stdout.count("[level") == 6
+
+
+def test_tiny_search_with_two_workers_matches_one_worker(tmp_path, one_worker):
+    shared = cli("--search", "--out", str(tmp_path / "two"), *TINY, "--workers", "2")
+    assert shared.returncode == 0, shared.stderr
+    assert_same_search(tmp_path / "two", one_worker)
+    assert "shared among 2 processes (--workers)" in shared.stdout and shared.stdout.count("[level") == 6
+    refused = torchrun("autometa.py", "--search", "--out", str(tmp_path / "three"), *TINY, "--workers", "2")
+    assert refused.returncode != 0 and "--workers 2 under torchrun" in refused.stderr
+
+
+def test_a_worker_that_stops_ends_the_search_at_once_with_a_sentence(tmp_path):
+    cfg = config.make_config({"out": str(tmp_path)})
+    store = torch.distributed.TCPStore("127.0.0.1", 0, 2, is_master=True, wait_for_workers=False)
+    workers = team.Workers(cfg, 2, store.port)
+    workers.command = [sys.executable, "-c", "import sys; sys.exit(3)"]  # as a worker with bad input would
+    started = time.time()
+    with pytest.raises(pnas.SearchError, match="worker process 1 stopped with exit status 3.*rerun the same command"):
+        Team(store, 0, 2, timedelta(minutes=5), workers).barrier()
+    assert time.time() - started < 60
+
+
+def test_config_flags_give_the_config_back_and_default_workers():
+    for cfg in (config.make_config({}), config.make_config({"ops": "conv_3x3,identity", "cache_dir": ""}, "paper")):
+        args = autometa.make_parser().parse_args(["--search", *config.config_flags(cfg)])
+        assert config.make_config(autometa.flags(args)) == cfg
+    cores = len(os.sched_getaffinity(0))
+    cpu = torch.device("cpu")
+    assert config.default_workers(config.Config(threads=1), cpu) == cores
+    assert config.default_workers(config.Config(threads=2 * cores), cpu) == 1
+
+
+def test_workers_share_gpus_round_robin(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: None)
+    assert [team.rank_device(torch.device("cuda"), r).index for r in range(5)] == [0, 1, 0, 1, 0]
+    assert team.rank_device(torch.device("cuda", 1), 0) == torch.device("cuda", 1)  # cuda:N: that GPU for all
+    assert team.rank_device(torch.device("cpu"), 3) == torch.device("cpu")
+    assert config.default_workers(config.Config(), torch.device("cuda")) == min(8, len(os.sched_getaffinity(0)))
+
+
+# ---------------------------------------------------------------------------- CUDA errors (made up on a CPU)
+
+def test_a_gpu_that_is_not_there_exits_2_with_a_sentence(monkeypatch, capsys, tmp_path):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert config.pick_device("cuda:1") == torch.device("cuda", 1)
+    assert autometa.main(["--search", "--device", "cuda:2", "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "--device cuda:2 names GPU 2, but this machine has 2 (cuda:0 to cuda:1)" in err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+def test_out_of_memory_fails_one_candidate_and_a_lost_gpu_stops_the_search(monkeypatch, tmp_path):
+    cfg = config.Config(ways=3, shots=1, queries=2, channels=4, meta_iters=2, eval_episodes=3, meta_batch=1,
+                        image_size=28, out=str(tmp_path))
+    splits = data.synthetic_splits(28, 0)
+    a, b = ((1, "conv_3x3", 0, "identity"),), ((0, "max_pool_3x3", 1, "avg_pool_3x3"),)
+    expected = scoring.make_scorer(cfg, splits, torch.device("cpu"))(b)
+    errors, lost, train = [], [], scoring.train_and_score
+
+    def on_a_made_up_gpu(cfg, splits, device, cell, seed, episodes):  # trains on the CPU, fails when told to
+        if errors:
+            raise errors.pop()
+        return train(cfg, splits, torch.device("cpu"), cell, seed, episodes)
+
+    monkeypatch.setattr(scoring, "train_and_score", on_a_made_up_gpu)
+    monkeypatch.setattr(scoring, "gpu_lost", lambda device: bool(lost))
+    score = scoring.make_scorer(cfg, splits, torch.device("cuda"))
+    errors.append(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"))
+    failed = pnas.score_safely(score, a)
+    assert failed["status"] == "failed" and failed["error"].startswith("OutOfMemoryError: CUDA out of memory")
+    assert score(b) == expected  # the next candidate is untouched
+    errors.append(RuntimeError("CUDA error: an illegal memory access was encountered"))
+    assert pnas.score_safely(score, a)["status"] == "failed"  # the GPU still works: one failed candidate
+    errors.append(RuntimeError("CUDA error: an illegal memory access was encountered"))
+    lost.append(True)
+    with pytest.raises(pnas.SearchError, match="unusable in this process.*illegal memory access.*rerun the same"):
+        pnas.score_safely(score, a)
+    scored = []
+
+    def stops_at_the_third(cell):
+        if len(scored) == 2:
+            raise pnas.SearchError("the GPU is lost")
+        scored.append(cell)
+        return {"accuracy": fake_accuracy(cell), "ci95": 0.01, "params": 1}
+
+    with pytest.raises(pnas.SearchError, match="the GPU is lost"):
+        run_fake_search(tmp_path / "search", score=stops_at_the_third)
+    assert len(read_lines(tmp_path / "search" / "search.jsonl")) == 2
+    store = torch.distributed.TCPStore("127.0.0.1", 0, 1, is_master=True, wait_for_workers=False)
+    scored.clear()
+    with pytest.raises(pnas.SearchError, match="the GPU is lost"):  # rank 0's scoring thread tells its main thread
+        list(Team(store, 0, 1, timedelta(minutes=1)).score_all(stops_at_the_third, [a, b, a, b]))
 
 
 # ---------------------------------------------------------------------------- fastcpu.py
@@ -1735,9 +1843,83 @@ def test_convolution_mode_leaves_string_padding_and_unbatched_input_to_pytorch()
     assert type(unbatched.grad_fn.next_functions[0][0]).__name__ == "ConvolutionBackward0"  # under a squeeze
 
 
+# ---------------------------------------------------------------------------- batched.py and speedups.py
+
+import batched  # noqa: E402
+import speedups  # noqa: E402
+
+
+def to_double(tasks):
+    return tuple(t.double() if t.is_floating_point() else t for t in tasks)
+
+
+@pytest.mark.parametrize("first_order", [False, True])
+@pytest.mark.parametrize("arch", ["conv4", cells.AUTOMETA_CELL])
+def test_batched_meta_loss_equals_the_per_task_loop_in_float64(arch, first_order):
+    torch.manual_seed(0)
+    model = cells.build_network(arch, 3, 16, channels=8, reductions=1, stem_stride=1).double()
+    tasks = image_tasks(16, tasks=3, dtype=torch.float64)
+    assert batched.runs(model, dict(model.named_parameters()), tasks)
+    results = []
+    for meta_loss in (batched.meta_loss, maml.meta_loss):
+        params = dict(model.named_parameters())
+        loss, accuracy = meta_loss(model, params, tasks, 2, 0.1, first_order)
+        results.append((loss, accuracy, torch.autograd.grad(loss, list(params.values()))))
+    (loss, accuracy, grads), (ref_loss, ref_accuracy, ref_grads) = results
+    assert abs(loss.item() - ref_loss.item()) < 1e-12 and accuracy == ref_accuracy
+    assert max((g - r).abs().max().item() for g, r in zip(grads, ref_grads)) < 1e-10
+    assert max(g.abs().max().item() for g in ref_grads) > 1e-3  # a real gradient, not zeros
+
+
+def trained_tiny_network(arch, seed=0):
+    """The tiny search's network of `arch`, meta-trained briefly so that its predictions are not chance."""
+    torch.manual_seed(seed)
+    splits = data.synthetic_splits(28, 0)
+    model = cells.build_network(arch, 5, 28, channels=8, reductions=2, stem_stride=2)
+    sampler = data.EpisodeSampler(splits["train"], 5, 1, 5, seed)
+    maml.meta_train(model, torch.optim.Adam(model.parameters(), 3e-3), lambda: sampler.sample(2), 10, 1, 0.1, True)
+    return model, data.fixed_episodes(splits["val"], 5, 1, 5, 12, seed=0, batch=2)
+
+
+def test_batched_evaluation_gives_the_accuracies_of_one_episode_at_a_time():
+    model, episodes = trained_tiny_network(cells.AUTOMETA_CELL[:2])
+    params = dict(model.named_parameters())
+    one_by_one = maml.episode_accuracies(model, params, episodes, 3, 0.1)
+    assert len(set(one_by_one)) > 2  # episodes differ, so an order mix-up would show
+    for group in (3, 4, 12):  # across task batches of 2, and all at once
+        assert batched.episode_accuracies(model, params, episodes, 3, 0.1, group) == one_by_one
+    exact = copy.deepcopy(model).double()
+    double_episodes = [to_double(episodes[i]) for i in range(len(episodes))]
+    assert (batched.episode_accuracies(exact, dict(exact.named_parameters()), double_episodes, 3, 0.1, 5)
+            == maml.episode_accuracies(exact, dict(exact.named_parameters()), double_episodes, 3, 0.1))
+
+
+def test_speedups_batch_evaluation_of_small_networks_on_a_cpu_and_fall_back_where_vmap_cannot_run():
+    model, episodes = trained_tiny_network(cells.AUTOMETA_CELL[:1])
+    assert speedups.automatic_group(model, episodes[0], cpu=True) == speedups.EVAL_BATCH
+    assert speedups.automatic_group(model, episodes[0], cpu=False) == speedups.EVAL_BATCH
+    assert speedups.automatic_group(cells.build_network("conv4", 5, 28), episodes[0], cpu=True) == 1
+    params = dict(model.named_parameters())
+    fast = speedups.choose(model, first_order=True)
+    assert fast.per_episode(model, params, episodes, 3, 0.1) == maml.episode_accuracies(model, params, episodes, 3, 0.1)
+    torch.manual_seed(0)
+    ours, ref = RunningStatsDropoutNet(), RunningStatsDropoutNet()  # dropout and running statistics: no vmap
+    ref.load_state_dict(ours.state_dict())
+    tasks = image_tasks(8)
+    assert not batched.runs(ours, dict(ours.named_parameters()), tasks)
+    results = []
+    for model, per_episode in ((ours, speedups.choose(ours, True, eval_batch=4).per_episode),
+                               (ref, maml.episode_accuracies)):
+        torch.manual_seed(1)
+        results.append(per_episode(model, dict(model.named_parameters()), [tasks], 2, 0.1))
+    assert results[0] == results[1]
+    for a, b in zip(ours.buffers(), ref.buffers()):  # the vmap check left them as the loop does
+        assert torch.equal(a, b)
+
+
 def test_bench_runs_end_to_end_on_a_tiny_setting():
     result = cli("--bench", "--image-size", "16", "--queries", "1", "--meta-batch", "1", "--channels", "16",
-                 "--reductions", "1", "--eval-episodes", "4")
+                 "--reductions", "1", "--eval-episodes", "4", "--meta-iters", "3")
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     for title in ("conv4, second order", "conv4, first order", "autometa cell, first order"):
@@ -1748,7 +1930,11 @@ def test_bench_runs_end_to_end_on_a_tiny_setting():
         check = lines[lines.index(next(line for line in lines if line.startswith(title + ": peak"))) + 1]
         assert float(check.split(" in float64")[0].split()[-1]) < 1e-9  # the same meta-gradient, up to rounding
     assert any(line.startswith("episode sampler:") for line in lines)
-    assert any(line.startswith("search candidate") for line in lines)
+    assert any(line.startswith("search candidate (autometa cell)") for line in lines)
+    workers = config.default_workers(config.Config(threads=1), torch.device("cpu"))
+    rates = [line for line in lines if "candidates/min" in line]
+    assert rates[0].startswith("  1 worker: ") and len(rates) == (2 if workers > 1 else 1)
+    assert workers == 1 or rates[1].startswith(f"  {workers} workers (the default here): ")
 
 
 def test_bench_of_one_workload_times_only_that_one():

@@ -10,9 +10,9 @@ import torch
 
 import cells
 import data
-import fastcpu
 import maml
 import report
+import speedups
 from config import ConfigError, config_dict, train_out
 from files import atomic_write
 from scoring import build_model
@@ -134,8 +134,8 @@ class Trainer:
 
     def validate(self):
         """Validation accuracy now; checkpoints last.pt, and best.pt when it is the best so far."""
-        accuracy, _ = maml.evaluate(self.model, dict(self.model.named_parameters()), map(self.layout, self.val),
-                                    self.cfg.test_steps, self.cfg.inner_lr)
+        accuracy, _ = maml.evaluate(self.model, dict(self.model.named_parameters()), map(self.fast.layout, self.val),
+                                    self.cfg.test_steps, self.cfg.inner_lr, self.fast.per_episode)
         self.history.append({"iteration": self.iteration, "val_accuracy": accuracy})
         if self.best is None or accuracy > self.best["val_accuracy"]:
             self.best = dict(self.history[-1])
@@ -165,10 +165,10 @@ class Trainer:
         """Meta-train from the current iteration to cfg.train_iters."""
         cfg = self.cfg
         self.start, self.first = time.time(), self.iteration
-        with fastcpu.speedups(self.model, cfg.first_order) as self.layout:
-            maml.meta_train(self.model, self.optimizer, lambda: self.layout(self.sampler.sample(cfg.meta_batch)),
-                            cfg.train_iters, cfg.inner_steps, cfg.inner_lr, cfg.first_order,
-                            start=self.iteration, callback=self.on_step)
+        self.fast = speedups.choose(self.model, cfg.first_order, cfg.eval_batch)
+        maml.meta_train(self.model, self.optimizer, lambda: self.fast.layout(self.sampler.sample(cfg.meta_batch)),
+                        cfg.train_iters, cfg.inner_steps, cfg.inner_lr, cfg.first_order,
+                        start=self.iteration, callback=self.on_step, meta_loss=self.fast.meta_loss)
 
 
 def train(cfg, arch, splits, device):
@@ -207,6 +207,6 @@ def checkpoint_accuracy(cfg, state, splits, device):
     model.load_state_dict(state["model"])
     episodes = data.fixed_episodes(splits["test"], cfg.ways, cfg.shots, cfg.queries, cfg.eval_episodes,
                                    seed=cfg.seed + 2, batch=cfg.meta_batch)
-    with fastcpu.speedups(model, first_order=True) as layout:
-        return maml.evaluate(model, dict(model.named_parameters()), map(layout, episodes), cfg.test_steps,
-                             cfg.inner_lr)
+    fast = speedups.choose(model, True, cfg.eval_batch)
+    return maml.evaluate(model, dict(model.named_parameters()), map(fast.layout, episodes), cfg.test_steps,
+                         cfg.inner_lr, fast.per_episode)
