@@ -39,7 +39,8 @@ WORKLOADS = ("all", "conv4", "cell", "search")
 METHODS = ("ours", "loop")
 REPEATS = 5  # timed meta-steps per method, workload and allocator (after one warm-up step); medians are reported
 CANDIDATE_ITERS, CANDIDATE_EPISODES = 10, 20  # the timed search candidate; the full one is extrapolated
-SEARCH_ROUNDS = 2  # timed candidates per worker of the default setting, after a first one each that is not timed
+SEARCH_TIMED = 8  # first-level cells of the search timed with 1 worker and with the default, after one untimed each
+SEARCH_ROUNDS = 2  # times each setting scores them, alternating
 
 
 def method(name, model, first_order):
@@ -244,44 +245,55 @@ def time_candidate(cfg, splits, device, seconds):
 
 def time_search(cfg, splits, device):
     """Print the search's candidates per minute with one worker and with --workers 0 (its default), on the
-    same seeded sample of its first-level cells, each process at the search's threads (--threads, 1)."""
+    same seeded sample of its first-level cells, each process at the search's threads (--threads, 1).
+    The two settings alternate SEARCH_ROUNDS times in one team, so that a machine whose load drifts
+    slows both alike: rank 0 scores the cells alone while the other workers wait, then with them."""
     cfg = dataclasses.replace(cfg, threads=cfg.threads or 1)
     workers = cfg.workers or default_workers(cfg, device)
-    first = pnas.first_level(cfg.ops, workers * (SEARCH_ROUNDS + 1), cfg.seed)
-    warm, timed = first[:workers], first[workers:]
+    timed = pnas.first_level(cfg.ops, SEARCH_TIMED, cfg.seed)  # the same cells whatever the settings
+    warm = [cell for cell in pnas.first_level(cfg.ops) if cell not in timed][:workers]
     print(f"search candidates ({cfg.meta_iters} meta-iterations and {cfg.eval_episodes} validation episodes each; "
           f"{len(timed)} timed after a first one per worker; {cfg.threads} thread(s) per worker, device {device}):")
     fastcpu.reuse_freed_memory()  # as in a search process
     before = torch.get_num_threads()
     torch.set_num_threads(cfg.threads)
     try:
-        alone = level_rate(make_scorer(cfg, splits, device), pnas.score_each, warm[:1], timed)
-        print(f"  1 worker: {alone:.2f} candidates/min", flush=True)
-        if workers > 1:
-            shared = team.run_workers(cfg, workers, lead=lambda cfg, device, job: team_rate(job, cfg, splits, device,
-                                                                                            warm, timed))
-            print(f"  {workers} workers (the default here): {shared:.2f} candidates/min, {shared / alone:.2f}x")
+        if workers == 1:
+            score = make_scorer(cfg, splits, device)
+            list(pnas.score_each(score, warm))
+            rates = {1: [level_rate(score, pnas.score_each, timed) for _ in range(SEARCH_ROUNDS)]}
+        else:
+            rates = team.run_workers(cfg, workers, lead=lambda cfg, device, job: alternate(job, cfg, splits, device,
+                                                                                           warm, timed))
     finally:
         torch.set_num_threads(before)
+    for n, rate in rates.items():
+        name = "1 worker" if n == 1 else f"{n} workers ({'--workers' if cfg.workers else 'the default here'})"
+        ratio = "" if n == 1 else f", {statistics.median(rate) / statistics.median(rates[1]):.2f}x"
+        print(f"  {name}: {statistics.median(rate):.2f} candidates/min (median of "
+              f"{', '.join(f'{r:.2f}' for r in rate)}){ratio}")
 
 
-def team_rate(job, cfg, splits, device, warm, timed):
-    """level_rate as rank 0 of a --workers team, once every worker is ready to score; then dismiss them."""
+def alternate(job, cfg, splits, device, warm, timed):
+    """As rank 0 of a --workers team: once every worker has scored a first cell, the rates of `timed` scored
+    alone and by the team, alternating; then dismiss the team. Returns {workers: [candidates per minute]}."""
     job.barrier()  # starts the other workers
     score = make_scorer(cfg, splits, device)
     job.wait_until_serving()
-    rate = level_rate(score, job.score_all, warm, timed)
+    list(job.score_all(score, warm))
+    rates = {1: [], job.size: []}
+    for r in range(SEARCH_ROUNDS):
+        for n in ((1, job.size) if r % 2 == 0 else (job.size, 1)):
+            rates[n].append(level_rate(score, pnas.score_each if n == 1 else job.score_all, timed))
     job.dismiss()
-    return rate
+    return rates
 
 
-def level_rate(score, score_cells, warm, timed):
-    """Candidates per minute of score_cells(score, timed), after score_cells(score, warm) untimed: every
-    process's first candidate also sets up its kernels and memory."""
-    list(score_cells(score, warm))
+def level_rate(score, score_cells, cells):
+    """Candidates per minute of score_cells(score, cells)."""
     start = time.perf_counter()
-    failed = [result for _, result in score_cells(score, timed) if result["status"] == "failed"]
+    failed = [result for _, result in score_cells(score, cells) if result["status"] == "failed"]
     seconds = time.perf_counter() - start
     if failed:
         raise pnas.SearchError(f"a timed candidate failed ({failed[0]['error']})")
-    return 60 * len(timed) / seconds
+    return 60 * len(cells) / seconds
