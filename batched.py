@@ -8,7 +8,8 @@ backward, so second order works too. The results are maml.py's (the tests compar
 ``runs`` must say yes first: vmap cannot run every model (dropout, BatchNorm that keeps running
 statistics, ``.item()``). Needs torch and maml.py::
 
-    if batched.runs(model, dict(model.named_parameters()), tasks):
+    params = dict(model.named_parameters())
+    if batched.runs(model, params, tasks):
         loss, accuracy = batched.meta_loss(model, params, tasks, steps=5, lr=0.01)        # as maml.meta_loss
         accuracies = batched.episode_accuracies(model, params, episodes, 10, 0.01, group=10)
 """
