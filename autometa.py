@@ -14,7 +14,7 @@ Commands (see README.md for the figures they produce):
 
 Settings live in `config.Config`; a preset fills it and every flag overrides one field. What the
 commands run lives in modules named for it: scoring.py (a candidate's score), pnas.py (the search),
-training.py (--train, --eval), team.py (--workers, torchrun), bench.py (--bench), report.py (pictures).
+training.py (--train, --eval), team.py (--workers, torchrun), bench.py (--bench), report.py and drawing.py (pictures).
 """
 import argparse
 import dataclasses
@@ -29,6 +29,7 @@ import torch
 import bench
 import cells
 import data
+import drawing
 import fastcpu
 import pnas
 import report
@@ -204,7 +205,7 @@ def run_draw(arch_text, path):
     with writing(path, "--out"):
         if os.path.dirname(path):
             os.makedirs(os.path.dirname(path), exist_ok=True)
-        report.draw_cell(cell, path, title)
+        drawing.draw_cell(cell, path, title)
     print(f"wrote {path}")
 
 

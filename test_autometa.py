@@ -30,6 +30,7 @@ import data
 from data import DataError, EpisodeSampler, Split, check_split, describe, fixed_episodes, load_splits
 import maml
 import pnas
+import drawing
 import report
 import scoring
 import files
@@ -1354,9 +1355,9 @@ def test_draw_cell_builtins_and_random_cells_put_every_box_in_its_own_place(tmp_
     drawn += [random_cell(rng, blocks) for blocks in range(1, 6) for _ in range(3)]
     for k, cell in enumerate(drawn):
         path = tmp_path / f"cell{k}.png"
-        report.draw_cell(cell, path)
+        drawing.draw_cell(cell, path)
         assert_picture(path)
-        image, layout = Image.open(path).convert("RGB"), report.CellLayout([tuple(b) for b in cell])
+        image, layout = Image.open(path).convert("RGB"), drawing.CellLayout([tuple(b) for b in cell])
         assert image.height == int(layout.height) and image.width >= layout.width - 1
         for column in layout.columns:  # items of a column never overlap, and all lie inside the picture
             spans = sorted((layout.top[i], layout.top[i] + layout.size[layout.kind(i)][1]) for i in column)
@@ -1365,8 +1366,8 @@ def test_draw_cell_builtins_and_random_cells_put_every_box_in_its_own_place(tmp_
         for node, halves in layout.halves.items():  # each op box is drawn, in its op's colour, where planned
             x, top = layout.lefts[layout.depth[node]], layout.top[("node", node)]
             for j, (_, op) in enumerate(halves):
-                y = top + report.CAPTION_H + j * (report.BOX_H + report.BOX_GAP) + 4
-                assert image.getpixel((int(x) + 4, int(y))) == report.OP_FILL[op]
+                y = top + drawing.CAPTION_H + j * (drawing.BOX_H + drawing.BOX_GAP) + 4
+                assert image.getpixel((int(x) + 4, int(y))) == drawing.OP_FILL[op]
 
 
 def test_draw_command_draws_builtins_inline_json_and_files_and_rejects_bad_cells(tmp_path, capsys):
