@@ -117,9 +117,9 @@ def search_here(cfg, device, job):
     score = make_scorer(cfg, splits, device)
     measured = pnas.search(score, log, cfg.blocks, cfg.beam, cfg.ops, first, pnas.Predictor(cfg.ops, seed=cfg.seed),
                            cfg.probe, cfg.sampler, cfg.seed)
+    best = check_best(cfg, log, score, measured)  # the re-scores are shared among the processes too
     if job is not None:
-        job.dismiss()  # the re-scores below are few: rank 0 trains them itself
-    best = check_best(cfg, log, score, measured)
+        job.dismiss()
     report.write_report(cfg.out, list(log.records.values()), config_dict(cfg))
     print(f"best cell: {json.dumps(best['cell'])}")
     print(f"validation accuracy {100 * best['accuracy']:.2f}% ± {100 * best['ci95']:.2f}% in the search; re-scored "
@@ -136,8 +136,7 @@ def check_best(cfg, log, score, measured):
         spread = statistics.pstdev(r["accuracy"] for r in measured if r["level"] == 1)
         print(f"seed noise: a score moves by {100 * noise:.2f} points (std) with the training seed; level-1 scores "
               f"spread by {100 * spread:.2f}")
-    best = pnas.debiased_best(log, lambda cell, trial: score(cell, trial, fresh=True), measured, cfg.rescore,
-                              cfg.rescore_seeds)
+    best = pnas.debiased_best(log, score, measured, cfg.rescore, cfg.rescore_seeds)
     write_json(os.path.join(cfg.out, "best.json"), {"cell": best["cell"], "accuracy": best["accuracy"],
                                                     "ci95": best["ci95"], "rescore": best["rescore"],
                                                     "config": config_dict(cfg)})

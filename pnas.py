@@ -222,19 +222,20 @@ def search(score, log, blocks, beam, ops, first_cells, predictor, probes=0, samp
     return measured
 
 
-def rescore(log, score, cells, trials, role):
-    """Score each cell again, once per training seed in `trials` (score(cell, trial)), logged with
-    `role`; returns {cell key: [ok records]}. Used for the noise floor (same episodes, other seeds)
-    and the de-biased best (fresh episodes, other seeds)."""
+def rescore(log, score, cells, trials, role, fresh=False):
+    """Score each cell again, once per training seed in `trials` (score(cell, trial=t, fresh=fresh)),
+    logged with `role`; returns {cell key: [ok records]}. Used for the noise floor (same episodes,
+    other seeds) and the de-biased best (fresh episodes, other seeds). Each trial's cells go to
+    log.score_cells together, so several processes share them."""
+    for trial in trials:
+        todo = [c for c in cells if log.records.get(record_key(dict(cell=c, role=role, trial=trial)),
+                                                    {"status": "failed"})["status"] == "failed"]
+        for cell, result in log.score_cells(score, todo, trial=trial, fresh=fresh) if todo else ():
+            log.append(dict(level=len(cell), cell=[list(x) for x in canonical(cell)], blocks=len(cell),
+                            role=role, trial=trial, predicted=None, **result))
     found = {}
     for cell in cells:
-        for trial in trials:
-            key = record_key(dict(cell=cell, role=role, trial=trial))
-            if key not in log.records or log.records[key]["status"] == "failed":
-                result = score_safely(lambda c: score(c, trial), cell)
-                log.append(dict(level=len(cell), cell=[list(x) for x in canonical(cell)], blocks=len(cell),
-                                role=role, trial=trial, predicted=None, **result))
-            found.setdefault(cell_key(cell), []).append(log.records[key])
+        found[cell_key(cell)] = [log.records[record_key(dict(cell=cell, role=role, trial=t))] for t in trials]
         log.say(f"{role}: {json.dumps([list(x) for x in cell])}: "
                 + ", ".join(f"{100 * r['accuracy']:.2f}%" if r["status"] == "ok" else r["status"]
                             for r in found[cell_key(cell)]))
@@ -251,13 +252,13 @@ def measure_noise(log, score, measured, n):
 
 
 def debiased_best(log, score, measured, top, seeds):
-    """Re-score the `top` best measured cells with training seeds 1..`seeds` (score(cell, trial), on
-    fresh episodes) and return the best by re-score, with "rescore": {"accuracy", "ci95", "seeds"}.
+    """Re-score the `top` best measured cells with training seeds 1..`seeds` on fresh episodes
+    (score(cell, trial=t, fresh=True)) and return the best by re-score, with "rescore": {"accuracy", "ci95", "seeds"}.
     The search's own best score is the highest of many noisy ones, on the episodes that chose it,
     so it is biased upward; the re-score is not. With top 0, the search's best keeps its own score."""
     candidates = sorted(measured, key=lambda r: (-r["accuracy"], r["blocks"]))[:max(top, 1)]
     again = rescore(log, score, [as_cell(r["cell"]) for r in candidates], list(range(1, seeds + 1)) if top else [],
-                    "rescore")
+                    "rescore", fresh=True)
     for r in candidates:
         rows = again.get(cell_key(r["cell"])) or [r]  # nothing re-scored (or every re-score failed): its own
         r["rescore"] = {"accuracy": round(float(np.mean([x["accuracy"] for x in rows])), 5),
@@ -299,10 +300,11 @@ def score_safely(score, cell):
     return result
 
 
-def score_each(score, cells):
-    """Score the cells one after another in this process, yielding (cell, result) as each finishes."""
+def score_each(score, cells, **options):
+    """Score the cells one after another in this process (score(cell, **options)), yielding (cell, result)
+    as each finishes."""
     for cell in cells:
-        yield cell, score_safely(score, cell)
+        yield cell, score_safely(lambda c: score(c, **options), cell)
 
 
 class SearchLog:
@@ -310,7 +312,7 @@ class SearchLog:
     result arrives. Cells already in it are not scored again, which is how a rerun resumes.
 
     `levels` and `total` (cells to score) are the search's size, for the progress lines and the ETA;
-    `score_cells(score, cells)` yields (cell, result) as results arrive (``score_each``, or a torchrun
+    `score_cells(score, cells, **options)` yields (cell, result) as results arrive (``score_each``, or a
     team's), `workers` of them at once; `on_level(b, records)` runs after each level with every record.
     """
 

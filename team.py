@@ -150,12 +150,14 @@ class Team:
         self._wait(lambda: self.store.add(key, 0) >= self.size, f"rank {self.rank} waited {self._minutes()} for the "
                    "others to start, so one has hung or died; rerun the same command to resume from search.jsonl")
 
-    def score_all(self, score, cells):
-        """On rank 0: score `cells` on all ranks, yielding (cell, result) in the order the results arrive."""
-        keys = self._post(cells)
+    def score_all(self, score, cells, **options):
+        """On rank 0: score `cells` on all ranks (score(cell, **options)), yielding (cell, result) in the
+        order the results arrive."""
+        keys = self._post(cells, options)
         # one store connection per thread, as Store.clone() is meant for. Not a daemon thread: Python
         # aborts when it exits while a daemon thread is inside torch, so after an error it lets the cell end.
-        helper = threading.Thread(target=self._work_beside, args=(self.store.clone(), score, cells, keys))
+        helper = threading.Thread(target=self._work_beside, args=(self.store.clone(), lambda c: score(c, **options), cells,
+                                                                keys))
         helper.start()
         try:
             for waiting in range(len(cells), 0, -1):
@@ -190,10 +192,11 @@ class Team:
                 raise pnas.SearchError(f"rank {self.rank} heard nothing from rank 0 for {self._minutes()}, or lost it, "
                                        "so it has hung or died; rerun the same command to resume from search.jsonl"
                                        ) from e
-            cells = json.loads(self.store.get(f"{keys}/cells"))
-            if cells is None:
+            posted = json.loads(self.store.get(f"{keys}/cells"))
+            if posted is None:
                 return
-            self._work(self.store, score, [tuple(map(tuple, cell)) for cell in cells], keys)
+            cells, options = [tuple(map(tuple, cell)) for cell in posted["cells"]], posted["options"]
+            self._work(self.store, lambda c: score(c, **options), cells, keys)
 
     def _wait(self, ready, message):
         """On rank 0 or at a barrier: poll until ready(), so that signals get through and a lost process is
@@ -208,10 +211,11 @@ class Team:
                 raise pnas.SearchError(message)
             time.sleep(0.05)
 
-    def _post(self, cells):
-        """Post the cells of the next level (None: the search is over); return the prefix of its keys."""
+    def _post(self, cells, options=None):
+        """Post the next cells to score, with the options of score(cell, **options) (cells None: the search
+        is over); return the prefix of its keys."""
         keys = self._next_level()
-        self.store.set(f"{keys}/cells", json.dumps(cells))
+        self.store.set(f"{keys}/cells", json.dumps(None if cells is None else {"cells": cells, "options": options}))
         return keys
 
     def _work(self, store, score, cells, keys):
