@@ -246,46 +246,59 @@ def time_candidate(cfg, splits, device, seconds):
 def time_search(cfg, splits, device):
     """Print the search's candidates per minute with one worker and with --workers 0 (its default), on the
     same seeded sample of its first-level cells, each process at the search's threads (--threads, 1).
-    The two settings alternate SEARCH_ROUNDS times in one team, so that a machine whose load drifts
-    slows both alike: rank 0 scores the cells alone while the other workers wait, then with them."""
+    On a CPU with several cores, one worker on all of them (torch's default threads: the search before
+    --workers) is timed too. The settings alternate SEARCH_ROUNDS times in one team, so that a machine whose
+    load drifts slows all alike: rank 0 scores the cells alone while the other workers wait, then with them."""
     cfg = dataclasses.replace(cfg, threads=cfg.threads or 1)
     workers = cfg.workers or default_workers(cfg, device)
     timed = pnas.first_level(cfg.ops, SEARCH_TIMED, cfg.seed)  # the same cells whatever the settings
     warm = [cell for cell in pnas.first_level(cfg.ops) if cell not in timed][:workers]
+    all_threads = torch.get_num_threads() if device.type == "cpu" else cfg.threads
+    settings = {"1 worker": (1, cfg.threads)}
+    if all_threads != cfg.threads:
+        settings[f"1 worker on {all_threads} threads (the search before --workers)"] = (1, all_threads)
+    if workers > 1:
+        settings[f"{workers} workers ({'--workers' if cfg.workers else 'the default here'})"] = (workers, cfg.threads)
     print(f"search candidates ({cfg.meta_iters} meta-iterations and {cfg.eval_episodes} validation episodes each; "
-          f"{len(timed)} timed after a first one per worker; {cfg.threads} thread(s) per worker, device {device}):")
+          f"{len(timed)} timed after a first one per worker; {cfg.threads} thread(s) per worker unless said, "
+          f"device {device}):")
     fastcpu.reuse_freed_memory()  # as in a search process
     before = torch.get_num_threads()
     torch.set_num_threads(cfg.threads)
     try:
         if workers == 1:
-            score = make_scorer(cfg, splits, device)
-            list(pnas.score_each(score, warm))
-            rates = {1: [level_rate(score, pnas.score_each, timed) for _ in range(SEARCH_ROUNDS)]}
+            rates = alternate(None, cfg, splits, device, warm, timed, settings)
         else:
             rates = team.run_workers(cfg, workers, lead=lambda cfg, device, job: alternate(job, cfg, splits, device,
-                                                                                           warm, timed))
+                                                                                           warm, timed, settings))
     finally:
         torch.set_num_threads(before)
-    for n, rate in rates.items():
-        name = "1 worker" if n == 1 else f"{n} workers ({'--workers' if cfg.workers else 'the default here'})"
-        ratio = "" if n == 1 else f", {statistics.median(rate) / statistics.median(rates[1]):.2f}x"
+    base = statistics.median(rates["1 worker"])
+    for name, rate in rates.items():
+        ratio = "" if name == "1 worker" else f", {statistics.median(rate) / base:.2f}x"
         print(f"  {name}: {statistics.median(rate):.2f} candidates/min (median of "
               f"{', '.join(f'{r:.2f}' for r in rate)}){ratio}")
 
 
-def alternate(job, cfg, splits, device, warm, timed):
-    """As rank 0 of a --workers team: once every worker has scored a first cell, the rates of `timed` scored
-    alone and by the team, alternating; then dismiss the team. Returns {workers: [candidates per minute]}."""
-    job.barrier()  # starts the other workers
+def alternate(job, cfg, splits, device, warm, timed, settings):
+    """As rank 0 (of a --workers team `job`, or alone with None): once every worker has scored a first cell,
+    the rates of `timed` under each of `settings` (name -> (workers, threads)), in turn SEARCH_ROUNDS times,
+    the order reversed every other round; then dismiss the team. Returns {name: [candidates per minute]}."""
+    if job is not None:
+        job.barrier()  # starts the other workers
     score = make_scorer(cfg, splits, device)
-    job.wait_until_serving()
-    list(job.score_all(score, warm))
-    rates = {1: [], job.size: []}
+    if job is not None:
+        job.wait_until_serving()
+    list((job.score_all if job is not None else pnas.score_each)(score, warm))
+    rates = {name: [] for name in settings}
     for r in range(SEARCH_ROUNDS):
-        for n in ((1, job.size) if r % 2 == 0 else (job.size, 1)):
-            rates[n].append(level_rate(score, pnas.score_each if n == 1 else job.score_all, timed))
-    job.dismiss()
+        for name in (list(settings) if r % 2 == 0 else list(settings)[::-1]):
+            workers, threads = settings[name]
+            torch.set_num_threads(threads)
+            rates[name].append(level_rate(score, pnas.score_each if workers == 1 else job.score_all, timed))
+    torch.set_num_threads(cfg.threads)
+    if job is not None:
+        job.dismiss()
     return rates
 
 

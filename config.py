@@ -29,7 +29,7 @@ class Config:
     max_first: int = 12          # score a seeded sample of this many 1-block cells (0: all 105)
     sampler: str = "predictor"   # how each level's beam is chosen: 'predictor' (PNAS) or 'random' (the baseline)
     probe: int = 2               # children drawn at random and scored beside each beam, to test the predictor
-    noise: int = 2               # level-1 cells scored again with another seed, for the seed noise floor
+    noise: int = 4               # level-1 cells scored again with another seed, for the seed noise floor
     rescore: int = 3             # best cells scored again on fresh episodes with new seeds; the best of these wins
     rescore_seeds: int = 2       # new training seeds of each of those re-scores
     cells: int = 1               # normal cells per stage of the network
@@ -68,7 +68,7 @@ PRESETS = {
     # Finishes in about 5 minutes on 2 CPU cores and finds a cell clearly above chance.
     "tiny": {},
     # The published protocols (MAML and Auto-Meta on Mini-ImageNet); the search sizes are ours.
-    "paper": dict(image_size=84, queries=15, blocks=5, beam=8, max_first=0, probe=4, noise=3, channels=16, cells=1,
+    "paper": dict(image_size=84, queries=15, blocks=5, beam=8, max_first=0, probe=4, noise=4, channels=16, cells=1,
                   reductions=3, stem_stride=1, meta_iters=2000, train_iters=60000, meta_batch=0,
                   inner_steps=5, test_steps=10, inner_lr=0.01, meta_lr=1e-3, first_order=False,
                   eval_episodes=600, val_episodes=100, val_every=1000, log_every=100),
