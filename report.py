@@ -252,6 +252,7 @@ def levels_table(records, levels, noise):
                                "with its training seed alone") + "; compare it with each level's spread.", "",
              "| level | cells scored | ok | best | mean | spread (std) | Spearman ρ, beam and probes | ρ, probes alone "
              "| training time |", "|---:|---:|---:|---|---|---|---|---|---:|"]
+    below = []  # levels whose spread of scores is under the seed noise
     for b in levels:
         level = [r for r in records if r["level"] == b]
         good = [r for r in level if r["status"] == "ok"]
@@ -262,6 +263,12 @@ def levels_table(records, levels, noise):
                      f"{'–' if spread is None else percent(spread)} | {rho_text(good, b)} | "
                      f"{rho_text([r for r in good if r.get('role') == 'probe'], b)} | "
                      f"{duration(sum(r['seconds'] for r in level))} |")
+        if noise is not None and spread is not None and len(good) > 1 and spread < noise:
+            below.append(b)
+    if below:
+        lines += ["", f"At level{'s' if len(below) > 1 else ''} {', '.join(map(str, below))} the cells' scores spread less "
+                  "than the seed noise: their order there is mostly noise, so neither the ranking nor Spearman's ρ "
+                  "can be read from single scores."]
     return lines
 
 

@@ -1358,6 +1358,17 @@ def test_search_picture_after_the_first_level_and_with_every_cell_failed(tmp_pat
     assert (tmp_path / "report.png").exists() and not (tmp_path / "best_cell.png").exists()
 
 
+def test_report_says_which_levels_spread_less_than_the_seed_noise(tmp_path):
+    records = list({pnas.cell_key(r["cell"]): r for r in fake_log()}.values())  # one record per network
+    alone = records[0]
+    quiet = dict(alone, role="noise", trial=1, accuracy=alone["accuracy"] + 0.01)
+    report.write_report(str(tmp_path), records + [quiet], REPORT_CONFIG)  # noise 0.7 points: under every spread
+    assert "spread less than the seed noise" not in (tmp_path / "report.md").read_text()
+    loud = dict(quiet, accuracy=alone["accuracy"] + 0.0707)  # noise 5 points: over levels 2 and 3 (3.3, 3.7)
+    report.write_report(str(tmp_path), records + [loud], REPORT_CONFIG)
+    assert "At levels 2, 3 the cells' scores spread less than the seed noise" in (tmp_path / "report.md").read_text()
+
+
 def test_draw_training_on_made_up_history(tmp_path):
     history = [dict(iteration=i, loss=1.6 / (1 + i / 100), train_accuracy=min(1.0, 0.2 + i / 1500), seconds=i / 10)
                for i in range(10, 1001, 10)]
