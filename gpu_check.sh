@@ -58,7 +58,7 @@ sys.exit(0 if same else 1)'
     torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU')" | tee "$OUT/machine.txt"
 step bench-conv4 150 "$PYTHON" autometa.py --bench conv4 --preset "$BENCH_PRESET" --device "$DEVICE"
 step bench-cell 200 "$PYTHON" autometa.py --bench cell --preset "$BENCH_PRESET" --device "$DEVICE"
-step bench-search 300 "$PYTHON" autometa.py --bench search --device "$DEVICE"
+step bench-search 400 "$PYTHON" autometa.py --bench search --device "$DEVICE"
 step search-1 150 "$PYTHON" autometa.py --search "${SEARCH[@]}" --out "$OUT/search-1"
 step search-2 150 "$PYTHON" autometa.py --search "${SEARCH[@]}" --out "$OUT/search-2"
 step same-search 30 "$PYTHON" -c "$SAME_SEARCH" "$OUT/search-1" "$OUT/search-2"
