@@ -228,8 +228,7 @@ def rescore(log, score, cells, trials, role, fresh=False):
     other seeds) and the de-biased best (fresh episodes, other seeds). Each trial's cells go to
     log.score_cells together, so several processes share them."""
     for trial in trials:
-        todo = [c for c in cells if log.records.get(record_key(dict(cell=c, role=role, trial=trial)),
-                                                    {"status": "failed"})["status"] == "failed"]
+        todo = [c for c in cells if not log.done(c, role, trial)]
         for cell, result in log.score_cells(score, todo, trial=trial, fresh=fresh) if todo else ():
             log.append(dict(level=len(cell), cell=[list(x) for x in canonical(cell)], blocks=len(cell),
                             role=role, trial=trial, predicted=None, **result))
@@ -347,9 +346,10 @@ class SearchLog:
             self.on_level(b, list(self.records.values()))
         return ok
 
-    def done(self, cell):
-        """Whether `cell` has a result to keep: a failure (an exception, out of memory) is tried again."""
-        record = self.records.get(cell_key(cell))
+    def done(self, cell, role=None, trial=0):
+        """Whether `cell` (re-scored as `role`, `trial`) has a result to keep: a failure (an exception, out of
+        memory) is tried again."""
+        record = self.records.get(record_key(dict(cell=cell, role=role, trial=trial)))
         return record is not None and record["status"] != "failed"
 
     def append(self, record):
