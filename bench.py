@@ -296,7 +296,6 @@ def alternate(job, cfg, splits, device, warm, timed, settings):
             workers, threads = settings[name]
             torch.set_num_threads(threads)
             rates[name].append(level_rate(score, pnas.score_each if workers == 1 else job.score_all, timed))
-    torch.set_num_threads(cfg.threads)
     if job is not None:
         job.dismiss()
     return rates
