@@ -3,7 +3,8 @@ and the default search's candidates per minute with one worker and with its defa
 
 Without speed-ups, maml.py adapts one task at a time, each inner step an ``autograd.grad(create_graph=True)``
 on the task's own fast weights: the per-task loop that learn2learn and higher run. "Ours" is what
-speedups.py chooses: fastcpu.py on a CPU, every task of the meta-batch at once (batched.py) on a GPU.
+speedups.py chooses: fastcpu.py on a CPU; on a GPU every task of the meta-batch at once (batched.py) where
+that runs fewer operations, each a kernel launch or more. The bench counts them too.
 Both are timed in one process on the same task batch, interleaved, and compared on their
 meta-gradients. On CPU every workload is timed twice: first with glibc's default allocator (a fresh
 process, as those libraries run), then after ``fastcpu.reuse_freed_memory()`` (as autometa.py runs),
@@ -25,6 +26,7 @@ import time
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+import batched
 import cells
 import data
 import fastcpu
@@ -129,6 +131,16 @@ def peak_memory(name, model, tasks, steps, lr, first_order, device):
     return peak
 
 
+def operation_counts(model, tasks, steps, lr, first_order):
+    """The per-task loop's operations per meta-gradient against the batched meta-loss's, in words."""
+    params = dict(model.named_parameters())
+    loop = speedups.operations(maml.meta_loss, model, params, tasks, steps, lr, first_order)
+    if not batched.runs(model, params, tasks):
+        return f"{loop} in the per-task loop; vmap cannot run this network"
+    together = speedups.operations(batched.meta_loss, model, params, tasks, steps, lr, first_order)
+    return f"{loop} in the per-task loop, {together} with all tasks at once (loop / batched {loop / together:.2f}x)"
+
+
 @contextlib.contextmanager
 def quiet_stderr():
     """Drop what C++ code writes to file descriptor 2 meanwhile (the profiler logs its start and stop there)."""
@@ -194,6 +206,8 @@ def check_workloads(jobs, tasks, cfg, device):
         print(f"  meta-gradient, first task: max |ours - loop| {check['gap32']:.1e} in float32, {check['gap64']:.1e} "
               f"in float64; the loop's own float32 rounding {check['rounding']:.1e} (max |g| {check['scale']:.1e})",
               flush=True)
+        counts = operation_counts(model, tasks, steps, lr, first_order)
+        print(f"  operations per meta-gradient (a GPU kernel or more each): {counts}", flush=True)
     if device.type == "cpu":
         print(f"process peak resident memory: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.1f} GiB")
 

@@ -74,7 +74,7 @@ echo
 echo "== summary ($OUT)"
 cat "$OUT/machine.txt"
 cat "$SUMMARY"
-grep -h -E "^(conv4|autometa cell).*x$|meta-gradient, first task|candidates/min|^search candidate|so about" \
+grep -h -E "^(conv4|autometa cell).*x$|meta-gradient, first task|operations per|candidates/min|^search candidate|so about" \
     "$OUT"/bench-*.log
 grep -h -E "^resuming|logs equal|same weights|^test accuracy" "$OUT"/same-*.log "$OUT"/train-resume.log \
     "$OUT"/eval-*.log
