@@ -3,8 +3,8 @@ and the default search's candidates per minute with one worker and with its defa
 
 Without speed-ups, maml.py adapts one task at a time, each inner step an ``autograd.grad(create_graph=True)``
 on the task's own fast weights: the per-task loop that learn2learn and higher run. "Ours" is what
-speedups.py chooses: fastcpu.py on a CPU; on a GPU every task of the meta-batch at once (batched.py) where
-that runs fewer operations, each a kernel launch or more. The bench counts them too.
+speedups.py chooses: fastcpu.py on a CPU, every task of the meta-batch at once (batched.py) on a GPU. It
+counts their operations too, each a kernel launch or more on a GPU.
 Both are timed in one process on the same task batch, interleaved, and compared on their
 meta-gradients. On CPU every workload is timed twice: first with glibc's default allocator (a fresh
 process, as those libraries run), then after ``fastcpu.reuse_freed_memory()`` (as autometa.py runs),
@@ -13,10 +13,12 @@ which speeds up both. Run it as
     python autometa.py --bench conv4 --preset paper    # MAML's conv4 on the Mini-ImageNet workload
     python autometa.py --bench cell                    # the Auto-Meta cell at the default search's size
     python autometa.py --bench search                  # candidates per minute, 1 worker and --workers 0
+    python autometa.py --bench overhead                # loop and batched where arithmetic is next to nothing
 """
 import contextlib
 import copy
 import dataclasses
+import functools
 import os
 import resource
 import statistics
@@ -25,6 +27,7 @@ import time
 
 import torch
 from torch.profiler import ProfilerActivity, profile
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import batched
 import cells
@@ -37,7 +40,7 @@ import team
 from config import default_workers
 from scoring import build_model, make_scorer
 
-WORKLOADS = ("all", "conv4", "cell", "search")
+WORKLOADS = ("all", "conv4", "cell", "search", "overhead")
 METHODS = ("ours", "loop")
 REPEATS = 5  # timed meta-steps per method, workload and allocator (after one warm-up step); medians are reported
 CANDIDATE_ITERS, CANDIDATE_EPISODES = 10, 20  # the timed search candidate; the full one is extrapolated
@@ -131,13 +134,35 @@ def peak_memory(name, model, tasks, steps, lr, first_order, device):
     return peak
 
 
+class OperationCounter(TorchDispatchMode):
+    """Counts the ATen operations run within it that compute something; views, which only relabel memory,
+    are left out. On a GPU each of them launches a kernel or more."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if not (func.is_view or func is torch.ops.aten._unsafe_view.default):
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def operations(meta_loss, model, params, tasks, steps, lr, first_order):
+    """The operations that meta_loss(...) and its gradient w.r.t. `params` run: the same count on every device."""
+    with OperationCounter() as counter:
+        loss, _ = meta_loss(model, params, tasks, steps, lr, first_order)
+        torch.autograd.grad(loss, list(params.values()))
+    return counter.count
+
+
 def operation_counts(model, tasks, steps, lr, first_order):
     """The per-task loop's operations per meta-gradient against the batched meta-loss's, in words."""
     params = dict(model.named_parameters())
-    loop = speedups.operations(maml.meta_loss, model, params, tasks, steps, lr, first_order)
+    loop = operations(maml.meta_loss, model, params, tasks, steps, lr, first_order)
     if not batched.runs(model, params, tasks):
         return f"{loop} in the per-task loop; vmap cannot run this network"
-    together = speedups.operations(batched.meta_loss, model, params, tasks, steps, lr, first_order)
+    together = operations(batched.meta_loss, model, params, tasks, steps, lr, first_order)
     return f"{loop} in the per-task loop, {together} with all tasks at once (loop / batched {loop / together:.2f}x)"
 
 
@@ -219,7 +244,7 @@ def run(cfg, splits, device, which="all"):
     print(f"bench: {cfg.ways}-way {cfg.shots}-shot, {cfg.queries} queries, {cfg.image_size}x{cfg.image_size} "
           f"images ({cfg.data}), meta-batch {cfg.meta_batch}, {cfg.inner_steps} inner steps of lr {cfg.inner_lr}, "
           f"Adam; device {device}, {torch.get_num_threads()} threads; medians of {REPEATS} meta-steps")
-    if which != "search":
+    if which not in ("search", "overhead"):
         jobs = workloads(cfg, which, device)
         seconds = time_workloads(jobs, tasks, cfg, device)
         check_workloads(jobs, tasks, cfg, device)
@@ -230,6 +255,8 @@ def run(cfg, splits, device, which="all"):
         time_candidate(cfg, splits, device, seconds)
     if which in ("all", "search"):
         time_search(cfg, splits, device)
+    if which in ("all", "overhead"):
+        time_overhead(cfg, device)
 
 
 def sampler_rate(sampler, meta_batch, seconds=1.0):
@@ -255,6 +282,57 @@ def time_candidate(cfg, splits, device, seconds):
     rest = max(elapsed - CANDIDATE_ITERS * step, 0.0) * cfg.eval_episodes / CANDIDATE_EPISODES
     print(f"  so about {(cfg.meta_iters * step + rest) / 60:.1f} min for this config's {cfg.meta_iters} "
           f"meta-iterations and {cfg.eval_episodes} validation episodes")
+
+
+def time_overhead(cfg, device, repeats=REPEATS):
+    """Operations and seconds per meta-gradient of the per-task loop and of the batched meta-loss, for
+    meta-batches of 2 and 4 (the presets'), on networks too narrow for their arithmetic to count (2 channels;
+    2-way 1-shot tasks with one query), with the config's inner steps: what launching and dispatching
+    operations costs, which is what a GPU spends its time on at these sizes."""
+    steps = cfg.inner_steps
+    print(f"where arithmetic is next to nothing (2 channels, 2-way 1-shot, 1 query, {steps} inner steps; medians of "
+          f"{repeats}, alternating; device {device}):")
+    print(f"  {'network':13s} {'order':6s} {'tasks':>5s} {'loop ops':>9s} {'loop':>9s} {'batched ops':>11s} "
+          f"{'batched':>9s} {'loop/batched':>12s}")
+    for title, arch, size in (("conv4", "conv4", 16), ("autometa cell", cells.AUTOMETA_CELL, 8)):
+        for first_order in (False, True):
+            for count in (2, 4):
+                torch.manual_seed(0)
+                model = cells.build_network(arch, 2, size, channels=2, reductions=3, stem_stride=1).to(device)
+                params = dict(model.named_parameters())
+                g = torch.Generator().manual_seed(0)
+                images = [torch.rand(count, 2, 3, size, size, generator=g) for _ in range(2)]
+                labels = torch.arange(2).repeat(count, 1)
+                tasks = maml.to_device((images[0], labels, images[1], labels), device)
+                losses = {"loop": maml.meta_loss, "batched": batched.meta_loss}
+                ops = {name: operations(f, model, params, tasks, steps, 0.01, first_order)
+                       for name, f in losses.items()}
+                seconds = alternating_medians({name: functools.partial(
+                    meta_gradient, f, model, params, tasks, steps, first_order) for name, f in losses.items()},
+                    device, repeats)
+                print(f"  {title:13s} {'first' if first_order else 'second':6s} {count:5d} {ops['loop']:9d} "
+                      f"{1e3 * seconds['loop']:7.1f}ms {ops['batched']:11d} {1e3 * seconds['batched']:7.1f}ms "
+                      f"{seconds['loop'] / seconds['batched']:11.2f}x", flush=True)
+
+
+def meta_gradient(meta_loss, model, params, tasks, steps, first_order, lr=0.01):
+    """The gradient of meta_loss(...) w.r.t. `params`."""
+    return torch.autograd.grad(meta_loss(model, params, tasks, steps, lr, first_order)[0], list(params.values()))
+
+
+def alternating_medians(runs, device, repeats):
+    """{name: median wall-clock seconds} of runs (name -> function), called in turn `repeats` times, the order
+    reversed every other round, after an untimed call each."""
+    seconds = {name: [] for name in runs}
+    for r in range(repeats + 1):
+        for name in (list(runs) if r % 2 else list(runs)[::-1]):
+            synchronize(device)
+            start = time.perf_counter()
+            runs[name]()
+            synchronize(device)
+            if r > 0:
+                seconds[name].append(time.perf_counter() - start)
+    return {name: statistics.median(s) for name, s in seconds.items()}
 
 
 def time_search(cfg, splits, device):

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # The GPU check (issue #15): on one GPU, in under 8 minutes, it runs
 #   1. --bench on the paper's conv4 workload and the paper's cell (meta-step: batched vs the per-task loop),
-#   2. --bench search (the default search's candidates per minute, 1 worker and the default workers),
-#   3. a small search twice, and checks that both logs are the same,
-#   4. a train, resume and eval round trip, checked against one uninterrupted training,
+#   2. --bench overhead (loop against batched where arithmetic is next to nothing: launches alone),
+#   3. --bench search (the default search's candidates per minute, 1 worker and the default workers),
+#   4. a small search twice, and checks that both logs are the same,
+#   5. a train, resume and eval round trip, checked against one uninterrupted training,
 # then prints a summary. It installs nothing and writes only under OUT (default: a new folder in /tmp).
 #
 #   ./gpu_check.sh [OUT]                                  # on a CUDA machine
@@ -58,6 +59,7 @@ sys.exit(0 if same else 1)'
     torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU')" | tee "$OUT/machine.txt"
 step bench-conv4 150 "$PYTHON" autometa.py --bench conv4 --preset "$BENCH_PRESET" --device "$DEVICE"
 step bench-cell 200 "$PYTHON" autometa.py --bench cell --preset "$BENCH_PRESET" --device "$DEVICE"
+step bench-overhead 120 "$PYTHON" autometa.py --bench overhead --preset "$BENCH_PRESET" --device "$DEVICE"
 step bench-search 400 "$PYTHON" autometa.py --bench search --device "$DEVICE"
 step search-1 150 "$PYTHON" autometa.py --search "${SEARCH[@]}" --out "$OUT/search-1"
 step search-2 150 "$PYTHON" autometa.py --search "${SEARCH[@]}" --out "$OUT/search-2"
@@ -74,7 +76,7 @@ echo
 echo "== summary ($OUT)"
 cat "$OUT/machine.txt"
 cat "$SUMMARY"
-grep -h -E "^(conv4|autometa cell).*x$|meta-gradient, first task|operations per|candidates/min|^search candidate|so about" \
+grep -h -E "^ *(conv4|autometa cell).*x$|meta-gradient, first task|operations per|candidates/min|^search candidate|so about" \
     "$OUT"/bench-*.log
 grep -h -E "^resuming|logs equal|same weights|^test accuracy" "$OUT"/same-*.log "$OUT"/train-resume.log \
     "$OUT"/eval-*.log

@@ -3,11 +3,7 @@ training.py and bench.py pass them to maml.py, which never needs them.
 
 - CPU: fastcpu.py (channels-last task batches, leaner double backwards) with maml.py's per-task
   meta-loss, which vmap does not beat on a CPU.
-- CUDA: all tasks of a meta-batch adapted at once (``batched.meta_loss``) where that runs fewer
-  operations than one task at a time, counted once per network and task shape. At these sizes a GPU
-  is bound by launching kernels, not by their arithmetic, so a step costs about its operation count.
-  Batching divides a second-order step's operations by about the meta-batch size, but adds some of
-  its own (per-task weight gradients): a first-order meta-batch of 2 runs more operations batched.
+- CUDA: all tasks of a meta-batch adapted at once (``batched.meta_loss``).
 - Both: evaluation episodes adapted ``eval_batch`` at a time (``batched.episode_accuracies``). On a
   CPU that pays only for small networks, where per-op overhead dominates: on larger ones vmap's
   convolutions with per-episode weights are slower than the per-task loop (docs/speed.md).
@@ -18,9 +14,7 @@ import contextlib
 import itertools
 from typing import Callable, NamedTuple
 
-import torch
 import torch.nn as nn
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import batched
 import fastcpu
@@ -47,9 +41,8 @@ def choose(model, first_order, eval_batch=0):
         fast = speedups.choose(model, first_order)
         maml.meta_train(model, optimizer, lambda: fast.layout(sample()), ..., meta_loss=fast.meta_loss)
     """
-    cpu = on_cpu(model)
+    cpu = next(model.parameters()).device.type == "cpu"
     vmappable = {}  # task shapes -> whether vmap runs the model on them
-    on_gpu = {}  # (task shapes, steps, first_order) -> the meta-loss that runs fewer operations
 
     def runs(params, tasks):
         shapes = tuple(t.shape[1:] for t in tasks)
@@ -58,13 +51,9 @@ def choose(model, first_order, eval_batch=0):
         return vmappable[shapes]
 
     def meta_loss(model, params, tasks, steps, lr, first_order=False):
-        if not cpu:
-            key = (tuple(t.shape for t in tasks), steps, first_order)
-            if key not in on_gpu:
-                fewer = runs(params, tasks) and batching_pays(model, params, tasks, steps, lr, first_order)
-                on_gpu[key] = batched.meta_loss if fewer else maml.meta_loss
-            return on_gpu[key](model, params, tasks, steps, lr, first_order)
-        with contextlib.nullcontext() if first_order else fastcpu.SecondOrderKernels():
+        if not cpu and runs(params, tasks):
+            return batched.meta_loss(model, params, tasks, steps, lr, first_order)
+        with contextlib.nullcontext() if first_order or not cpu else fastcpu.SecondOrderKernels():
             return maml.meta_loss(model, params, tasks, steps, lr, first_order)
 
     def per_episode(model, params, episodes, steps, lr):
@@ -79,39 +68,6 @@ def choose(model, first_order, eval_batch=0):
         return maml.episode_accuracies(model, params, episodes, steps, lr)
 
     return Speedups(fastcpu.layout_for(model), meta_loss, per_episode)
-
-
-def on_cpu(model):
-    """Whether `model` is on a CPU; otherwise it is on a GPU."""
-    return next(model.parameters()).device.type == "cpu"
-
-
-def batching_pays(model, params, tasks, steps, lr, first_order):
-    """Whether batched.meta_loss runs fewer operations than maml.meta_loss on `tasks` (it runs each once)."""
-    batched_ops = operations(batched.meta_loss, model, params, tasks, steps, lr, first_order)
-    return batched_ops < operations(maml.meta_loss, model, params, tasks, steps, lr, first_order)
-
-
-def operations(meta_loss, model, params, tasks, steps, lr, first_order):
-    """The operations that meta_loss(...) and its gradient w.r.t. `params` run: the same count on every device."""
-    with OperationCounter() as counter:
-        loss, _ = meta_loss(model, params, tasks, steps, lr, first_order)
-        torch.autograd.grad(loss, [p for p in params.values() if p.requires_grad], allow_unused=True)
-    return counter.count
-
-
-class OperationCounter(TorchDispatchMode):
-    """Counts the ATen operations run within it that compute something; views, which only relabel memory,
-    are left out. On a GPU each of them launches a kernel or more."""
-
-    def __init__(self):
-        super().__init__()
-        self.count = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if not (func.is_view or func is torch.ops.aten._unsafe_view.default):
-            self.count += 1
-        return func(*args, **(kwargs or {}))
 
 
 def automatic_group(model, tasks, cpu):
