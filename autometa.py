@@ -52,7 +52,8 @@ def make_parser():
     mode.add_argument("--eval", metavar="CHECKPOINT", help="test a --train checkpoint on fixed test episodes")
     mode.add_argument("--draw", metavar="ARCH", help="draw a cell (same forms as --train) to the PNG file --out")
     mode.add_argument("--bench", nargs="?", const="all", choices=bench.WORKLOADS,
-                      help="time the meta-step with and without fastcpu.py: conv4, cell or all (default)")
+                      help="time the meta-step with and without the speed-ups (conv4, cell), candidates per minute "
+                      "(search), the loop against batched where only launches count (overhead), or all (default)")
     p.add_argument("--preset", choices=sorted(PRESETS), default=None, help="settings to start from (default: tiny)")
     helps = field_help()
     for f in dataclasses.fields(Config):
