@@ -59,7 +59,7 @@ sys.exit(0 if same else 1)'
     torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU')" | tee "$OUT/machine.txt"
 step bench-conv4 150 "$PYTHON" autometa.py --bench conv4 --preset "$BENCH_PRESET" --device "$DEVICE"
 step bench-cell 200 "$PYTHON" autometa.py --bench cell --preset "$BENCH_PRESET" --device "$DEVICE"
-step bench-overhead 120 "$PYTHON" autometa.py --bench overhead --preset "$BENCH_PRESET" --device "$DEVICE"
+step bench-overhead 120 "$PYTHON" autometa.py --bench overhead --device "$DEVICE"  # 1 inner step: a minute
 step bench-search 400 "$PYTHON" autometa.py --bench search --device "$DEVICE"
 step search-1 150 "$PYTHON" autometa.py --search "${SEARCH[@]}" --out "$OUT/search-1"
 step search-2 150 "$PYTHON" autometa.py --search "${SEARCH[@]}" --out "$OUT/search-2"
