@@ -287,9 +287,9 @@ def time_candidate(cfg, splits, device, seconds):
 def time_overhead(cfg, device, repeats=REPEATS):
     """Operations and seconds per meta-gradient of the per-task loop and of the batched meta-loss, for
     meta-batches of 2 and 4 (the presets'), on networks too narrow for their arithmetic to count (2 channels;
-    2-way 1-shot tasks with one query), with the config's inner steps: what launching and dispatching
+    2-way 1-shot tasks with one query), with the config's inner steps and lr: what launching and dispatching
     operations costs, which is what a GPU spends its time on at these sizes."""
-    steps = cfg.inner_steps
+    steps, lr = cfg.inner_steps, cfg.inner_lr
     print(f"where arithmetic is next to nothing (2 channels, 2-way 1-shot, 1 query, {steps} inner steps; medians of "
           f"{repeats}, alternating; device {device}):")
     print(f"  {'network':13s} {'order':6s} {'tasks':>5s} {'loop ops':>9s} {'loop':>9s} {'batched ops':>11s} "
@@ -305,17 +305,16 @@ def time_overhead(cfg, device, repeats=REPEATS):
                 labels = torch.arange(2).repeat(count, 1)
                 tasks = maml.to_device((images[0], labels, images[1], labels), device)
                 losses = {"loop": maml.meta_loss, "batched": batched.meta_loss}
-                ops = {name: operations(f, model, params, tasks, steps, 0.01, first_order)
-                       for name, f in losses.items()}
+                ops = {name: operations(f, model, params, tasks, steps, lr, first_order) for name, f in losses.items()}
                 seconds = alternating_medians({name: functools.partial(
-                    meta_gradient, f, model, params, tasks, steps, first_order) for name, f in losses.items()},
+                    meta_gradient, f, model, params, tasks, steps, lr, first_order) for name, f in losses.items()},
                     device, repeats)
                 print(f"  {title:13s} {'first' if first_order else 'second':6s} {count:5d} {ops['loop']:9d} "
                       f"{1e3 * seconds['loop']:7.1f}ms {ops['batched']:11d} {1e3 * seconds['batched']:7.1f}ms "
                       f"{seconds['loop'] / seconds['batched']:11.2f}x", flush=True)
 
 
-def meta_gradient(meta_loss, model, params, tasks, steps, first_order, lr=0.01):
+def meta_gradient(meta_loss, model, params, tasks, steps, lr, first_order):
     """The gradient of meta_loss(...) w.r.t. `params`."""
     return torch.autograd.grad(meta_loss(model, params, tasks, steps, lr, first_order)[0], list(params.values()))
 
