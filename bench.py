@@ -66,17 +66,29 @@ def time_methods(model, tasks, steps, lr, meta_lr, first_order, repeats, device)
         m = copy.deepcopy(model)
         fast = method(name, m, first_order)
         batch = fast.layout(tasks)  # the layout check runs once, here, not in the timed steps
-        runs[name] = (m, torch.optim.Adam(m.parameters(), lr=meta_lr), batch, fast.meta_loss, [])
+        optimizer = torch.optim.Adam(m.parameters(), lr=meta_lr)
+        runs[name] = functools.partial(maml.meta_step, m, optimizer, batch, steps, lr, first_order, fast.meta_loss)
+    return alternating_medians(runs, device, repeats)
+
+
+def alternating_medians(runs, device, repeats):
+    """{name: median wall-clock seconds} of runs (name -> function), called in turn `repeats` times, the order
+    reversed every other round so that neither always runs first."""
+    seconds = {name: [] for name in runs}
     for r in range(repeats + 1):  # round 0 warms up (allocations, the vmap check) and is not counted
-        for name in (METHODS if r % 2 else reversed(METHODS)):  # alternate the order: neither always runs first
-            m, optimizer, batch, meta_loss, seconds = runs[name]
+        for name in (list(runs) if r % 2 else list(runs)[::-1]):
             synchronize(device)
             start = time.perf_counter()
-            maml.meta_step(m, optimizer, batch, steps, lr, first_order, meta_loss)
+            runs[name]()
             synchronize(device)
             if r > 0:
-                seconds.append(time.perf_counter() - start)
-    return {name: statistics.median(run[-1]) for name, run in runs.items()}
+                seconds[name].append(time.perf_counter() - start)
+    return {name: statistics.median(s) for name, s in seconds.items()}
+
+
+def meta_gradient(meta_loss, model, params, tasks, steps, lr, first_order):
+    """The gradient of meta_loss(...) w.r.t. `params`."""
+    return torch.autograd.grad(meta_loss(model, params, tasks, steps, lr, first_order)[0], list(params.values()))
 
 
 def meta_gradients(model, tasks, steps, lr, first_order):
@@ -85,8 +97,7 @@ def meta_gradients(model, tasks, steps, lr, first_order):
     for name in METHODS:
         params = dict(model.named_parameters())
         fast = method(name, model, first_order)
-        loss, _ = fast.meta_loss(model, params, fast.layout(tasks), steps, lr, first_order)
-        grads[name] = torch.autograd.grad(loss, list(params.values()))
+        grads[name] = meta_gradient(fast.meta_loss, model, params, fast.layout(tasks), steps, lr, first_order)
     return grads
 
 
@@ -113,8 +124,7 @@ def peak_memory(name, model, tasks, steps, lr, first_order, device):
     batch = fast.layout(tasks)
 
     def forward_backward():
-        loss, _ = fast.meta_loss(model, params, batch, steps, lr, first_order)
-        torch.autograd.grad(loss, list(params.values()))
+        meta_gradient(fast.meta_loss, model, params, batch, steps, lr, first_order)
 
     if device.type == "cuda":
         synchronize(device)
@@ -151,8 +161,7 @@ class OperationCounter(TorchDispatchMode):
 def operations(meta_loss, model, params, tasks, steps, lr, first_order):
     """The operations that meta_loss(...) and its gradient w.r.t. `params` run: the same count on every device."""
     with OperationCounter() as counter:
-        loss, _ = meta_loss(model, params, tasks, steps, lr, first_order)
-        torch.autograd.grad(loss, list(params.values()))
+        meta_gradient(meta_loss, model, params, tasks, steps, lr, first_order)
     return counter.count
 
 
@@ -312,26 +321,6 @@ def time_overhead(cfg, device, repeats=REPEATS):
                 print(f"  {title:13s} {'first' if first_order else 'second':6s} {count:5d} {ops['loop']:9d} "
                       f"{1e3 * seconds['loop']:7.1f}ms {ops['batched']:11d} {1e3 * seconds['batched']:7.1f}ms "
                       f"{seconds['loop'] / seconds['batched']:11.2f}x", flush=True)
-
-
-def meta_gradient(meta_loss, model, params, tasks, steps, lr, first_order):
-    """The gradient of meta_loss(...) w.r.t. `params`."""
-    return torch.autograd.grad(meta_loss(model, params, tasks, steps, lr, first_order)[0], list(params.values()))
-
-
-def alternating_medians(runs, device, repeats):
-    """{name: median wall-clock seconds} of runs (name -> function), called in turn `repeats` times, the order
-    reversed every other round, after an untimed call each."""
-    seconds = {name: [] for name in runs}
-    for r in range(repeats + 1):
-        for name in (list(runs) if r % 2 else list(runs)[::-1]):
-            synchronize(device)
-            start = time.perf_counter()
-            runs[name]()
-            synchronize(device)
-            if r > 0:
-                seconds[name].append(time.perf_counter() - start)
-    return {name: statistics.median(s) for name, s in seconds.items()}
 
 
 def time_search(cfg, splits, device):
