@@ -16,6 +16,7 @@ no cell twice. This file needs torch and numpy alone::
                            predictor=pnas.Predictor(ops))
     best = pnas.best_of(measured)
 """
+import functools
 import itertools
 import json
 import os
@@ -303,7 +304,7 @@ def score_each(score, cells, **options):
     """Score the cells one after another in this process (score(cell, **options)), yielding (cell, result)
     as each finishes."""
     for cell in cells:
-        yield cell, score_safely(lambda c: score(c, **options), cell)
+        yield cell, score_safely(functools.partial(score, **options), cell)
 
 
 class SearchLog:

@@ -1,6 +1,7 @@
 """Sharing a search among processes: each level's candidates go to whichever process is free,
 through a key-value store; rank 0 alone logs, fits the predictor and chooses. The processes are a
 torchrun job's, or those `--workers N` starts on this machine."""
+import functools
 import json
 import os
 import signal
@@ -156,8 +157,8 @@ class Team:
         keys = self._post(cells, options)
         # one store connection per thread, as Store.clone() is meant for. Not a daemon thread: Python
         # aborts when it exits while a daemon thread is inside torch, so after an error it lets the cell end.
-        helper = threading.Thread(target=self._work_beside, args=(self.store.clone(), lambda c: score(c, **options), cells,
-                                                                keys))
+        helper = threading.Thread(target=self._work_beside,
+                                  args=(self.store.clone(), functools.partial(score, **options), cells, keys))
         helper.start()
         try:
             for waiting in range(len(cells), 0, -1):
@@ -196,7 +197,7 @@ class Team:
             if posted is None:
                 return
             cells, options = [tuple(map(tuple, cell)) for cell in posted["cells"]], posted["options"]
-            self._work(self.store, lambda c: score(c, **options), cells, keys)
+            self._work(self.store, functools.partial(score, **options), cells, keys)
 
     def _wait(self, ready, message):
         """On rank 0 or at a barrier: poll until ready(), so that signals get through and a lost process is
