@@ -28,6 +28,10 @@ import torch
 import torch.nn as nn
 
 
+# A log row's role in the search itself; the other roles ("noise", "rescore") are re-scores of its cells.
+SEARCH_ROLES = (None, "first", "baseline", "beam", "probe")
+
+
 class LogError(ValueError):
     """search.jsonl cannot be read back; the message names the line and the fix."""
 
@@ -47,12 +51,14 @@ def canonical(cell):
     depth is one more than that of the deepest block it reads, so a block comes after the blocks
     it reads. Blocks of equal depth and signature are still distinct blocks (each has its own
     weights) that later blocks may read differently, so among the orders of such blocks the one
-    giving the smallest tuple is taken. Halves are ordered (in, op) <= (in, op), as before.
+    giving the smallest tuple is taken. Halves are ordered (in, op) <= (in, op), as before. The op
+    "none" contributes nothing and reads nothing: its half is written with its partner's input.
     """
     signature, depth = ["0", "1"], [0, 0]  # of the cell's two inputs, then of each block
     for in1, op1, in2, op2 in cell:
-        signature.append(" + ".join(sorted([f"{op1}({signature[in1]})", f"{op2}({signature[in2]})"])))
-        depth.append(1 + max(depth[in1], depth[in2]))
+        reads = [i for i, op in ((in1, op1), (in2, op2)) if op != "none"]
+        signature.append(" + ".join(sorted(half_signature(i, op, signature) for i, op in ((in1, op1), (in2, op2)))))
+        depth.append(1 + max(depth[i] for i in reads))
 
     def rank(b):
         return depth[b + 2], signature[b + 2]
@@ -65,23 +71,31 @@ def canonical(cell):
     return min(renumber(cell, tuple(itertools.chain(*order))) for order in orders)
 
 
+def half_signature(i, op, signature):
+    """What one half of a block computes, e.g. 'conv_3x3(1)'; 'none' reads nothing."""
+    return "none" if op == "none" else f"{op}({signature[i]})"
+
+
 def renumber(cell, order):
     """`cell` with its blocks listed in `order` (old block indices), inputs renumbered to match and
-    each block's halves sorted. `order` must list a block after the blocks it reads."""
+    each block's halves sorted, a "none" half given its partner's input. `order` must list a block
+    after the blocks it reads."""
     new = {0: 0, 1: 1, **{old + 2: position + 2 for position, old in enumerate(order)}}
     blocks = []
     for b in order:
         in1, op1, in2, op2 = cell[b]
-        first, second = sorted([(new[in1], op1), (new[in2], op2)])
+        in1, in2 = new[in2 if op1 == "none" else in1], new[in1 if op2 == "none" else in2]
+        first, second = sorted([(in1, op1), (in2, op2)])
         blocks.append(first + second)
     return tuple(blocks)
 
 
 def expand(cell, ops):
     """Every child of `cell` with one more block, each distinct network once, canonical and sorted
-    (105 one-block cells for 7 ops)."""
+    (119 one-block cells for the 7 ops and "none"; a block of two "none" halves is no block)."""
     choices = [(i, op) for i in range(len(cell) + 2) for op in ops]
-    return sorted({canonical(tuple(cell) + (a + b,)) for a, b in itertools.combinations_with_replacement(choices, 2)})
+    return sorted({canonical(tuple(cell) + (a + b,)) for a, b in itertools.combinations_with_replacement(choices, 2)
+                   if not a[1] == b[1] == "none"})
 
 
 def first_level(ops, sample=0, seed=0):
@@ -114,15 +128,16 @@ def encode(cell, ops):
     (b+1)-block children (as PNAS's averaging over blocks does).
     """
     ops = list(ops)
-    halves = [(i, op) for in1, op1, in2, op2 in cell for i, op in ((in1, op1), (in2, op2))]
+    # the kinds of input are those of the halves that read one: a "none" half reads nothing
+    halves = [(i, op) for in1, op1, in2, op2 in cell for i, op in ((in1, op1), (in2, op2)) if op != "none"]
     # The previous cell's share is taken among the halves reading a cell input, so a half reading a
     # block leaves it unchanged: fitted on 1-block cells only, the predictor then values such a half
     # by its op alone. Over all halves instead, "cell k-2" and "cell k-1" add up to 1 on 1-block
     # cells, so the fit splits weight between them arbitrarily, and that split would price a block read.
     from_cells = [i for i, _ in halves if i < 2]  # never empty: block 0 reads only the cell's inputs
     op_share = torch.zeros(len(ops))
-    for _, op in halves:
-        op_share[ops.index(op)] += 1 / len(halves)
+    for op in (op for block in cell for op in block[1::2]):
+        op_share[ops.index(op)] += 1 / (2 * len(cell))
     kinds = [1 - len(from_cells) / len(halves), sum(from_cells) / len(from_cells), 1 / len(cell)]
     return torch.cat([torch.tensor(kinds), op_share])
 
@@ -197,20 +212,31 @@ def spearman(a, b):
 
 # ---------------------------------------------------------------------------- the search
 
-def search(score, log, blocks, beam, ops, first_cells, predictor, probes=0, sampler="predictor", seed=0):
+def search(score, log, blocks, beam, ops, first_cells, predictor, probes=0, sampler="predictor", seed=0,
+           baseline=(), allowed=None):
     """PNAS's progressive search; returns the log records of every cell it measured, in order.
 
     `score(cell)` -> {"accuracy", ...}; `log` is a SearchLog, which scores, logs and resumes. Beside
     each level's beam, `probes` children drawn at random are scored too: the predictor chose none of
     them, so its rank correlation on them measures it without bias. `sampler="random"` picks the
     beam at random instead of by prediction: the baseline that shows what the predictor buys.
+    `baseline`: 1-block cells scored at level 1 whatever `first_cells` holds (role "baseline"), the
+    hand design a search must beat; they are parents like any other. `allowed(cell)`: whether a cell
+    may be ranked and scored at all (a parameter budget, say); the baseline is scored regardless.
     """
     rng = random.Random(seed)
-    measured = log.level(1, [(c, "first") for c in first_cells], score)      # score the 1-block cells
+    allowed = allowed or (lambda cell: True)
+    first = [(c, "baseline") for c in baseline] + [(c, "first") for c in first_cells
+                                                   if c not in baseline and allowed(c)]
+    measured = log.level(1, first, score)                                    # score the 1-block cells
     for b in range(2, blocks + 1):
         predictor.fit([as_cell(r["cell"]) for r in measured], [r["accuracy"] for r in measured])
         parents = [as_cell(r["cell"]) for r in measured if r["level"] == b - 1]
-        children = sorted({child for p in parents for child in expand(p, ops)})
+        children = sorted(c for c in {child for p in parents for child in expand(p, ops)} if allowed(c))
+        if not children:
+            log.say(f"level {b}: no child of level {b - 1}'s cells is allowed (the parameter budget), so the "
+                    f"search ends at level {b - 1}")
+            break
         predicted = dict(zip(children, predictor.predict(children).tolist()))
         if sampler == "random":
             chosen = rng.sample(children, min(beam, len(children)))
@@ -255,8 +281,11 @@ def debiased_best(log, score, measured, top, seeds):
     """Re-score the `top` best measured cells with training seeds 1..`seeds` on fresh episodes
     (score(cell, trial=t, fresh=True)) and return the best by re-score, with "rescore": {"accuracy", "ci95", "seeds"}.
     The search's own best score is the highest of many noisy ones, on the episodes that chose it,
-    so it is biased upward; the re-score is not. With top 0, the search's best keeps its own score."""
-    candidates = sorted(measured, key=lambda r: (-r["accuracy"], r["blocks"]))[:max(top, 1)]
+    so it is biased upward; the re-score is not. With top 0, the search's best keeps its own score.
+    The baseline's cells (role "baseline") are re-scored beside them, so that the best is compared
+    with them on equal terms; a baseline that re-scores best is the best."""
+    ranked = sorted(measured, key=lambda r: (-r["accuracy"], r["blocks"]))
+    candidates = ranked[:max(top, 1)] + [r for r in ranked[max(top, 1):] if r.get("role") == "baseline"]
     again = rescore(log, score, [as_cell(r["cell"]) for r in candidates], list(range(1, seeds + 1)) if top else [],
                     "rescore", fresh=True)
     for r in candidates:
@@ -272,7 +301,7 @@ def seed_noise(records):
     several seeds on the same episodes (role "noise" beside the search's own score); None if none."""
     by_cell = {}
     for r in records:
-        if r["status"] == "ok" and r.get("role") in (None, "first", "beam", "probe", "noise"):
+        if r["status"] == "ok" and r.get("role") in SEARCH_ROLES + ("noise",):
             by_cell.setdefault(cell_key(r["cell"]), []).append(r["accuracy"])
     spreads = [np.var(scores, ddof=1) for scores in by_cell.values() if len(scores) > 1]
     return float(np.sqrt(np.mean(spreads))) if spreads else None
@@ -401,7 +430,7 @@ def read_log(path):
 
 def record_key(record):
     """What a log record is the result of: its network, and for a re-score its role and trial."""
-    if record.get("role") in (None, "first", "beam", "probe"):
+    if record.get("role") in SEARCH_ROLES:
         return cell_key(record["cell"])
     return f"{cell_key(record['cell'])}#{record['role']}{record['trial']}"
 
