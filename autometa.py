@@ -38,7 +38,7 @@ import training
 from config import (PRESETS, Config, ConfigError, check_resume, config_dict, default_workers, field_help, make_config,
                     pick_device, train_out)
 from files import FolderError, hold, write_json, writing
-from scoring import make_scorer
+from scoring import make_scorer, parameters, within_budget
 
 
 def make_parser():
@@ -110,14 +110,18 @@ def search_here(cfg, device, job):
           f"{cfg.shots}-shot on {cfg.data} ({cfg.image_size}x{cfg.image_size}), {cfg.meta_iters} meta-iterations "
           f"per candidate, device {device}")
     start, first = time.time(), pnas.first_level(cfg.ops, cfg.max_first, cfg.seed)
-    total = len(first) + (cfg.beam + cfg.probe) * (cfg.blocks - 1) + cfg.noise + cfg.rescore * cfg.rescore_seeds
+    baseline = (cells.CONV4_CELL,)  # MAML's conv4 is a cell of this space: every search scores it
+    total = (len(set(first) | set(baseline)) + (cfg.beam + cfg.probe) * (cfg.blocks - 1) + cfg.noise
+             + (cfg.rescore + 1) * cfg.rescore_seeds)
     log = pnas.SearchLog(os.path.join(cfg.out, "search.jsonl"), cfg.blocks, total,
                          score_cells=pnas.score_each if job is None else job.score_all,
                          workers=1 if job is None else job.size,
                          on_level=lambda b, records: report.write_report(cfg.out, records, config_dict(cfg)))
+    check_networks(cfg, log)
     score = make_scorer(cfg, splits, device)
-    measured = pnas.search(score, log, cfg.blocks, cfg.beam, cfg.ops, first, pnas.Predictor(cfg.ops, seed=cfg.seed),
-                           cfg.probe, cfg.sampler, cfg.seed)
+    ops = tuple(dict.fromkeys(cfg.ops + tuple(op for block in baseline for op in block[1::2])))  # the predictor's
+    measured = pnas.search(score, log, cfg.blocks, cfg.beam, cfg.ops, first, pnas.Predictor(ops, seed=cfg.seed),
+                           cfg.probe, cfg.sampler, cfg.seed, baseline, within_budget(cfg))
     best = check_best(cfg, log, score, measured)  # the re-scores are shared among the processes too
     if job is not None:
         job.dismiss()
@@ -125,9 +129,34 @@ def search_here(cfg, device, job):
     print(f"best cell: {json.dumps(best['cell'])}")
     print(f"validation accuracy {100 * best['accuracy']:.2f}% ± {100 * best['ci95']:.2f}% in the search; re-scored "
           f"on fresh episodes with new seeds {100 * best['rescore']['accuracy']:.2f}% "
-          f"± {100 * best['rescore']['ci95']:.2f}% (chance {100 / cfg.ways:.0f}%), {best['params']} parameters")
+          f"± {100 * best['rescore']['ci95']:.2f}% (chance {100 / cfg.ways:.0f}%), {best['params']:,} parameters")
+    print(against_baseline(best, [r for r in measured if r.get("role") == "baseline"]))
     print(f"results in {cfg.out}/: search.jsonl (every candidate), best.json (use with --train), "
           f"report.md with report.png and best_cell.png; {time.time() - start:.0f} s")
+
+
+def check_networks(cfg, log):
+    """Refuse a log whose cells were scored as other networks (an older skeleton, another width): a cell's
+    logged parameter count must be its count here."""
+    for r in log.records.values():
+        if r.get("params") is not None and r["params"] != parameters(cfg, pnas.as_cell(r["cell"])):
+            raise ConfigError(f"{log.path} holds cell {json.dumps(r['cell'])} scored as a network of {r['params']:,} "
+                              f"parameters, which has {parameters(cfg, pnas.as_cell(r['cell'])):,} here: it was "
+                              "written by an older autometa or with other network settings; pass a new --out")
+
+
+def against_baseline(best, baseline):
+    """The final message's verdict: did the best cell beat conv4, both re-scored on the same fresh episodes?"""
+    if not baseline:
+        return "conv4 in this space failed to train, so the best cell is compared with nothing"
+    conv4 = baseline[0]
+    if pnas.cell_key(best["cell"]) == pnas.cell_key(conv4["cell"]):
+        return (f"the best cell is conv4 itself ({100 * conv4['rescore']['accuracy']:.2f}% re-scored): no searched cell "
+                "beat it")
+    gap = 100 * (best["rescore"]["accuracy"] - conv4["rescore"]["accuracy"])
+    verdict = f"beat it by {gap:.2f} points" if gap > 0 else f"did not beat it ({-gap:.2f} points below)"
+    return (f"conv4 in this space re-scored {100 * conv4['rescore']['accuracy']:.2f}% on the same episodes "
+            f"({conv4['params']:,} parameters): the best cell {verdict}")
 
 
 def check_best(cfg, log, score, measured):
@@ -140,6 +169,7 @@ def check_best(cfg, log, score, measured):
     best = pnas.debiased_best(log, score, measured, cfg.rescore, cfg.rescore_seeds)
     write_json(os.path.join(cfg.out, "best.json"), {"cell": best["cell"], "accuracy": best["accuracy"],
                                                     "ci95": best["ci95"], "rescore": best["rescore"],
+                                                    "params": best["params"], "skeleton": cells.SKELETON,
                                                     "config": config_dict(cfg)})
     return best
 

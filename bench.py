@@ -194,7 +194,7 @@ def workloads(cfg, which, device):
     found = []
     if which in ("all", "conv4"):
         torch.manual_seed(cfg.seed)
-        conv4 = build_model(cfg, "conv4").to(device)
+        conv4 = build_model(cfg, cells.CONV4_CELL).to(device)
         found += [("conv4, second order", conv4, False), ("conv4, first order", conv4, True)]
     if which in ("all", "cell"):
         torch.manual_seed(cfg.seed)
@@ -307,7 +307,7 @@ def time_overhead(cfg, device, repeats=REPEATS):
         for first_order in (False, True):
             for count in (2, 4):
                 torch.manual_seed(0)
-                model = cells.build_network(arch, 2, size, channels=2, reductions=3, stem_stride=1).to(device)
+                model = cells.build_network(arch, 2, size, channels=2, reductions=2).to(device)
                 params = dict(model.named_parameters())
                 g = torch.Generator().manual_seed(0)
                 images = [torch.rand(count, 2, 3, size, size, generator=g) for _ in range(2)]

@@ -26,16 +26,16 @@ class Config:
     blocks: int = 3              # B, the most blocks a cell gets
     beam: int = 5                # cells scored per level after the first
     ops: tuple = ALL_OPS         # comma-separated op names the search may use
-    max_first: int = 12          # score a seeded sample of this many 1-block cells (0: all 105)
+    max_first: int = 12          # score a seeded sample of this many 1-block cells (0: all 119), and conv4's
     sampler: str = "predictor"   # how each level's beam is chosen: 'predictor' (PNAS) or 'random' (the baseline)
     probe: int = 2               # children drawn at random and scored beside each beam, to test the predictor
     noise: int = 4               # level-1 cells scored again with another seed, for the seed noise floor
     rescore: int = 3             # best cells scored again on fresh episodes with new seeds; the best of these wins
     rescore_seeds: int = 2       # new training seeds of each of those re-scores
-    cells: int = 1               # normal cells per stage of the network
-    channels: int = 8            # channels of the first stage (doubled at every reduction)
-    reductions: int = 2          # reduction cells (each halves the resolution)
-    stem_stride: int = 2         # stride of the stem convolution
+    max_params: int = 0          # children with more parameters are neither ranked nor scored (0: no budget)
+    cells: int = 1               # cells per stage of the network
+    channels: int = 32           # channels of the stem and of every cell (32: conv4's)
+    reductions: int = 2          # 2x2 max-pools between stages, as conv4's (2: conv4's 3 stages)
     meta_iters: int = 60         # meta-iterations per search candidate
     train_iters: int = 300       # meta-iterations of --train
     seeds: str = ""              # --train: training seeds, e.g. 0,1,2: one run each in OUT/seed-N ('': --seed)
@@ -68,8 +68,8 @@ PRESETS = {
     # Finishes in about 5 minutes on 2 CPU cores and finds a cell clearly above chance.
     "tiny": {},
     # The published protocols (MAML and Auto-Meta on Mini-ImageNet); the search sizes are ours.
-    "paper": dict(image_size=84, queries=15, blocks=5, beam=8, max_first=0, probe=4, noise=4, channels=16, cells=1,
-                  reductions=3, stem_stride=1, meta_iters=2000, train_iters=60000, meta_batch=0,
+    "paper": dict(image_size=84, queries=15, blocks=5, beam=8, max_first=0, probe=4, noise=4, cells=1,
+                  reductions=2, meta_iters=2000, train_iters=60000, meta_batch=0,
                   inner_steps=5, test_steps=10, inner_lr=0.01, meta_lr=1e-3, first_order=False,
                   eval_episodes=600, val_episodes=100, val_every=1000, log_every=100),
 }
@@ -92,6 +92,10 @@ class ConfigError(ValueError):
 def make_config(flags, preset=None, base=None):
     """Config from `base` (a checkpoint's settings) or the preset (default tiny), then the flags given, checked."""
     values = dict(base if base is not None else PRESETS[preset or "tiny"])
+    if base is not None and values.pop("skeleton", None) != cells.SKELETON:
+        raise ConfigError("this checkpoint was written for the old network around its cell (stride-2 stem, "
+                          "reduction cells), which this version no longer builds: train the architecture again with "
+                          "--train")
     if base is not None and preset:
         values.update(PRESETS[preset])
     values.update({k: v for k, v in flags.items() if k in Config.__dataclass_fields__ and v is not None})
@@ -109,12 +113,12 @@ def make_config(flags, preset=None, base=None):
 
 def check_config(cfg):
     """Raise ConfigError for settings no run can use."""
-    for name in ("image_size", "ways", "shots", "queries", "blocks", "beam", "cells", "channels", "stem_stride",
+    for name in ("image_size", "ways", "shots", "queries", "blocks", "beam", "cells", "channels",
                  "meta_iters", "train_iters", "meta_batch", "eval_episodes", "val_episodes", "val_every", "log_every",
                  "rescore_seeds"):
         if getattr(cfg, name) <= 0:
             raise ConfigError(f"--{name.replace('_', '-')} is {getattr(cfg, name)}: it must be a positive integer")
-    for name in ("reductions", "inner_steps", "test_steps", "max_first", "probe", "noise", "rescore", "workers",
+    for name in ("max_params", "reductions", "inner_steps", "test_steps", "max_first", "probe", "noise", "rescore", "workers",
                  "threads", "eval_batch"):
         if getattr(cfg, name) < 0:
             raise ConfigError(f"--{name.replace('_', '-')} is {getattr(cfg, name)}: it must be 0 or more")
@@ -142,6 +146,7 @@ def config_dict(cfg):
     """Config as JSON-ready data."""
     d = dataclasses.asdict(cfg)
     d["ops"] = list(cfg.ops)
+    d["skeleton"] = cells.SKELETON
     return d
 
 
@@ -162,6 +167,9 @@ def check_resume(cfg, kind="search"):
                           "or choose a new --out") from e
     if saved.pop("run", kind) != kind:
         raise ConfigError(f"{cfg.out} holds a run of another kind than --{kind}: pass a new --out")
+    if saved.get("skeleton") != cells.SKELETON:
+        raise ConfigError(f"{cfg.out} holds a {kind} run of the old network around its cells (stride-2 stem, reduction "
+                          "cells), whose results mean other networks in this version: pass a new --out")
     changed = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
     if changed and not set(changed) & set(saved):
         raise ConfigError(f"{cfg.out} was written by an earlier autometa, which had no {', '.join(changed)} "
@@ -206,6 +214,8 @@ def config_flags(cfg):
     """The command-line flags that give `cfg` back, every field spelt out (what another process is started with)."""
     flags = []
     for name, value in config_dict(cfg).items():
+        if name == "skeleton":
+            continue
         if name == "first_order":
             flags.append("--first-order" if value else "--second-order")
         else:

@@ -13,8 +13,19 @@ import speedups
 
 def build_model(cfg, arch):
     """The network for a cell (or 'conv4') under this config."""
-    return cells.build_network(arch, cfg.ways, cfg.image_size, cfg.channels, cfg.cells, cfg.reductions,
-                               cfg.stem_stride)
+    return cells.build_network(arch, cfg.ways, cfg.image_size, cfg.channels, cfg.cells, cfg.reductions)
+
+
+def parameters(cfg, arch):
+    """Parameters of build_model(cfg, arch), counted without building it."""
+    return cells.parameter_count(arch, cfg.ways, cfg.image_size, cfg.channels, cfg.cells, cfg.reductions)
+
+
+def within_budget(cfg):
+    """allowed(cell) for pnas.search: whether the cell's network has at most --max-params parameters (None: no budget)."""
+    if not cfg.max_params:
+        return None
+    return lambda cell: parameters(cfg, cell) <= cfg.max_params
 
 
 FRESH_EPISODES = 3  # seed offset of the validation episodes that re-score the best cells (--train uses 1 and 2)

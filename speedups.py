@@ -22,7 +22,8 @@ import maml
 
 EVAL_BATCH = 10  # episodes per vmapped evaluation call with --eval-batch 0 (automatic)
 # On a CPU, automatic batched evaluation is for networks whose first convolution gives at most this
-# many values per image: the default search's stem, 8 channels at 14x14, does; conv4's 32 at 28x28 does not.
+# many values per image: 8 channels at 14x14 do; conv4's stem, 32 channels at 28x28, and with it every
+# network of the default search, does not.
 SMALL_NETWORK = 4096
 
 
