@@ -132,8 +132,8 @@ def value_ticks(lo, hi, pad=0.03, clip=(-math.inf, math.inf)):
 
 BOX_H, BOX_GAP, CAPTION_H, PLUS_R = 30, 8, 22, 12  # op box height, gap between a block's ops, caption, "+" radius
 COLUMN_GAP, ROW_GAP, VIA_H, MARGIN = 90, 26, 8, 24
-CELL_NOTE = ("inputs: 0 = cell k-2, 1 = cell k-1, 2+i = block i  ·  a block adds its two ops  ·  "
-             "the cell concatenates its blocks")
+CELL_NOTE = ("inputs: 0 = cell k-2, 1 = cell k-1, 2+i = block i  ·  a block adds its ops (a none half is not drawn)  ·  "
+             "the cell concatenates the blocks no block reads")
 
 
 class CellLayout:
@@ -153,8 +153,13 @@ class CellLayout:
     def _place_columns(self):
         """Each node's sources and depth, and the items of every column: nodes by depth, then vias."""
         out = self.out
-        self.sources = {2 + i: [in1, in2] for i, (in1, _, in2, _) in enumerate(self.cell)}
-        self.sources[out] = list(range(2, out))
+        # a "none" half reads nothing and is not drawn; the concat takes the loose ends (blocks no block reads)
+        self.real = {2 + i: [(s, op) for s, op in ((in1, op1), (in2, op2)) if op != "none"]
+                     for i, (in1, op1, in2, op2) in enumerate(self.cell)}
+        self.sources = {node: [s for s, _ in halves] for node, halves in self.real.items()}
+        read = {s for srcs in self.sources.values() for s in srcs}
+        self.loose = [node for node in range(2, out) if node not in read]
+        self.sources[out] = self.loose
         self.depth = {0: 0, 1: 0}
         for node in range(2, out + 1):
             self.depth[node] = 1 + max(self.depth[s] for s in self.sources[node])
@@ -171,7 +176,8 @@ class CellLayout:
         """The width of an op box and the size of each kind of item; returns each kind's anchor."""
         n = len(self.cell)
         self.box_w = max(text_width(op) for block in self.cell for op in block[1::2]) + 24
-        self.size = {"input": (text_width("0: cell k-2") + 24, 36), "out": (84, max(36, 22 * n + 8)), "via": (0, VIA_H),
+        self.size = {"input": (text_width("0: cell k-2") + 24, 36), "out": (84, max(36, 22 * len(self.loose) + 8)),
+                     "via": (0, VIA_H),
                      "block": (self.box_w + 36 + 2 * PLUS_R, CAPTION_H + 2 * BOX_H + BOX_GAP)}
         # anchor: how far below an item's top its output leaves it (and, for a block, the middle of its two inputs)
         return {"input": 18, "block": CAPTION_H + BOX_H + BOX_GAP / 2, "out": self.size["out"][1] / 2,
@@ -216,16 +222,20 @@ class CellLayout:
         out = self.out
         self.halves, self.ports = {}, {}  # block -> [(source, op)] top to bottom; (source, node) -> arrow heights
         for node in range(2, out):
-            c, (in1, op1, in2, op2) = self.depth[node], self.cell[node - 2]
+            c = self.depth[node]
             # The upper op box takes the input that arrives higher up, so the block's two edges do not cross.
-            pair = sorted([(self.y[self.feed(in1, c)], 0, in1, op1), (self.y[self.feed(in2, c)], 1, in2, op2)])
+            pair = sorted((self.y[self.feed(s, c)], k, s, op) for k, (s, op) in enumerate(self.real[node]))
             self.halves[node] = [(s, op) for _, _, s, op in pair]
             for k, (s, _) in enumerate(self.halves[node]):
-                arrow_y = self.top[("node", node)] + CAPTION_H + BOX_H / 2 + k * (BOX_H + BOX_GAP)
-                self.ports.setdefault((s, node), []).append(arrow_y)
-        blocks = sorted(range(2, out), key=lambda s: self.y[self.feed(s, self.depth[out])])
+                self.ports.setdefault((s, node), []).append(self.box_top(node, k) + BOX_H / 2)
+        blocks = sorted(self.loose, key=lambda s: self.y[self.feed(s, self.depth[out])])
         for k, s in enumerate(blocks):
-            self.ports[(s, out)] = [self.top[("node", out)] + (k + 0.5) * self.size["out"][1] / len(self.cell)]
+            self.ports[(s, out)] = [self.top[("node", out)] + (k + 0.5) * self.size["out"][1] / len(self.loose)]
+
+    def box_top(self, node, k):
+        """The top of block node's k-th op box; a block of one op (the other is "none") has its box in the middle."""
+        middle = (BOX_H + BOX_GAP) / 2 if len(self.halves[node]) == 1 else 0
+        return self.top[("node", node)] + CAPTION_H + k * (BOX_H + BOX_GAP) + middle
 
     def kind(self, item):
         """'input', 'block', 'out' or 'via'."""
@@ -307,18 +317,20 @@ def draw_inputs(draw, g):
 
 
 def draw_block(draw, g, node):
-    """Block node - 2: its caption, its two op boxes and the '+' that adds them."""
+    """Block node - 2: its caption, its op boxes (one where the other half is "none") and the '+' that adds two."""
     x, top = g.lefts[g.depth[node]], g.top[("node", node)]
     draw.text((x, top), f"{node}: block {node - 2}", font=font(SMALL_SIZE), fill=PALETTE[node % len(PALETTE)])
     plus_x, plus_y = x + g.box_w + 36 + PLUS_R, g.y[("node", node)]
     for k, (_, op) in enumerate(g.halves[node]):
-        box_top = top + CAPTION_H + k * (BOX_H + BOX_GAP)
-        draw.line([(x + g.box_w, box_top + BOX_H / 2), (plus_x, plus_y)], fill=INK, width=2)
+        box_top = g.box_top(node, k)
+        end = (plus_x, plus_y) if len(g.halves[node]) == 2 else (plus_x + PLUS_R, plus_y)  # to the '+', or out
+        draw.line([(x + g.box_w, box_top + BOX_H / 2), end], fill=INK, width=2)
         draw.rounded_rectangle([x, box_top, x + g.box_w, box_top + BOX_H], 5, fill=OP_FILL.get(op, GRID),
                                outline=INK)
         draw.text((x + g.box_w / 2, box_top + BOX_H / 2), op, font=font(TEXT_SIZE), fill=INK, anchor="mm")
-    draw.circle((plus_x, plus_y), PLUS_R, fill=WHITE, outline=INK, width=2)
-    draw.text((plus_x, plus_y - 1), "+", font=font(TITLE_SIZE), fill=INK, anchor="mm")
+    if len(g.halves[node]) == 2:
+        draw.circle((plus_x, plus_y), PLUS_R, fill=WHITE, outline=INK, width=2)
+        draw.text((plus_x, plus_y - 1), "+", font=font(TITLE_SIZE), fill=INK, anchor="mm")
 
 
 def draw_concat(draw, g):

@@ -15,7 +15,7 @@ from PIL import Image, ImageDraw
 from drawing import (BLUE, GREEN, INK, MUTED, ORANGE, PALETTE, RED, SMALL_SIZE, TEXT_SIZE, TITLE_SIZE, WHITE, Axes,
                      dashed, dot, draw_cell, font, legend, save_png, value_ticks)
 from files import atomic_write
-from pnas import cell_key, seed_noise, spearman
+from pnas import SEARCH_ROLES, cell_key, seed_noise, spearman
 
 SEARCH_SIZE = (1280, 570)    # report.png
 TRAINING_SIZE = (1280, 570)  # train.png
@@ -35,7 +35,6 @@ def duration(seconds):
 
 # ---------------------------------------------------------------------------- the search
 
-SEARCH_ROLES = (None, "first", "beam", "probe")  # a log row's role in the search; the others are re-scores
 
 
 def searched(records):
@@ -78,11 +77,16 @@ def plot_levels(image, box, records, chance):
         xticks.append((b, f"level {b}\n{kept}" + (f", {n - n_ok} failed" if n_ok < n else "")))
     ax.frame("Measured accuracy of every scored cell", "search level (= blocks per cell)",
              "validation accuracy (%)", xticks, yticks)
+    conv4 = baseline_of(ok)
     legend(ax.draw, box[0], box[1] - 28, [("dot", BLUE, "scored cell, ± 95% CI"), ("dot", GREEN, "probe"),
                                           ("dot", ORANGE, "best of level"),
-                                          ("dash", MUTED, f"chance ({percent(chance, 0)})")])
+                                          ("dash", MUTED, f"chance ({percent(chance, 0)})")]
+           + ([("dash", RED, f"conv4 in this space ({percent(conv4['accuracy'], 1)})")] if conv4 else []))
     y_chance = ax.px(0, 100 * chance)[1]
     dashed(ax.draw, (box[0], y_chance), (box[2], y_chance), MUTED)
+    if conv4:
+        y_conv4 = ax.px(0, 100 * conv4["accuracy"])[1]
+        dashed(ax.draw, (box[0], y_conv4), (box[2], y_conv4), RED)
     bests = []
     for b in levels:
         level = sorted((r for r in ok if r["level"] == b), key=lambda r: r["accuracy"])
@@ -98,6 +102,11 @@ def plot_levels(image, box, records, chance):
         ax.draw.line(bests, fill=ORANGE, width=2)
     for p in bests:
         dot(ax.draw, p, ORANGE, radius=7, outline=INK)
+
+
+def baseline_of(records):
+    """The ok record of conv4 in this space (role "baseline"), or None."""
+    return next((r for r in records if r.get("role") == "baseline" and r["status"] == "ok"), None)
 
 
 def plot_predictions(image, box, ok):
@@ -117,7 +126,7 @@ def plot_predictions(image, box, ok):
     legend(ax.draw, x, y, [("dash", MUTED, "predicted = measured")])
     for k, b in enumerate(sorted({r["level"] for r in predicted})):
         level = [r for r in predicted if r["level"] == b]
-        color = PALETTE[2 + k % (len(PALETTE) - 2)]  # blue and orange already mean something on the left
+        color = PALETTE[4 + k % (len(PALETTE) - 4)]  # blue, orange, green and red already mean something on the left
         for r in level:
             dot(ax.draw, ax.px(100 * r["predicted"], 100 * r["accuracy"]), color, radius=5)
         rho = spearman([r["predicted"] for r in level], [r["accuracy"] for r in level])
@@ -205,7 +214,7 @@ def write_report(out, records, config):
         draw_cell(best["cell"], os.path.join(out, "best_cell.png"),
                   f"best cell: {percent(best['accuracy'])} ± {percent(best['ci95'])} (level {best['level']}, "
                   f"{best['params']:,} parameters)")
-        lines += best_cells_table(ok, rescored)
+        lines += best_cells_table(ok, rescored) + baseline_lines(baseline_of(ok), best, rescored)
     lines += levels_table(search, levels, seed_noise(records)) + report_footer(search, ok, config)
     atomic_write(os.path.join(out, "report.md"), lambda f: f.write("\n".join(lines).encode()))
 
@@ -241,6 +250,24 @@ def best_cells_table(ok, rescored):
         lines.append(f"| {k} | {r['blocks']} | {percent(r['accuracy'])} ± {percent(r['ci95'])} | "
                      f"{'–' if again is None else percent(again)} | {r['params']:,} | `{json.dumps(r['cell'])}` |")
     return lines + ["", "![the best cell](best_cell.png)", ""]
+
+
+def baseline_lines(conv4, best, rescored):
+    """report.md's line on conv4 in this space, the reference every search scores, against the best cell."""
+    if conv4 is None:
+        return ["conv4 in this space: not scored (it failed to train, or the log predates it).", ""]
+    line = (f"conv4 in this space: {percent(conv4['accuracy'])} ± {percent(conv4['ci95'])} in the search, "
+            f"{conv4['params']:,} parameters")
+    again, best_again = rescored.get(cell_key(conv4["cell"])), rescored.get(cell_key(best["cell"]))
+    if again is not None:
+        line += f"; re-scored {percent(again)}"
+    if cell_key(best["cell"]) == cell_key(conv4["cell"]):
+        line += ". The best cell is conv4 itself: no searched cell beat it."
+    elif again is not None and best_again is not None:
+        gap = 100 * (best_again - again)
+        line += (f". The best cell, re-scored on the same episodes, "
+                 + (f"beats it by {gap:.2f} points." if gap > 0 else f"does not beat it ({-gap:.2f} points below)."))
+    return [line, ""]
 
 
 def levels_table(records, levels, noise):
