@@ -157,7 +157,7 @@ def test_meta_step_raises_diverged_on_nan():
         maml.meta_step(model, torch.optim.SGD(model.parameters(), 0.1), (xs * float("nan"), ys, xq, yq), 1, 0.1)
 
 
-@pytest.mark.parametrize("arch", ["conv4", cells.AUTOMETA_CELL])
+@pytest.mark.parametrize("arch", [cells.CONV4_CELL, cells.AUTOMETA_CELL], ids=["conv4", "autometa"])
 def test_functional_forward_equals_module_forward(arch):
     torch.manual_seed(0)
     model = cells.build_network(arch, 5, 28, channels=4)
@@ -192,27 +192,99 @@ def test_maml_and_pnas_work_when_copied_alone_into_another_project(tmp_path):
 
 # ---------------------------------------------------------------------------- cells.py
 
+def relu_conv_bn(x, convs, bn_weight, bn_bias):
+    """ReLU, the convolutions [(weight, keyword arguments)] in turn, BatchNorm on the batch's statistics."""
+    x = F.relu(x)
+    for weight, kw in convs:
+        x = F.conv2d(x, weight, **kw)
+    return F.batch_norm(x, None, None, bn_weight, bn_bias, training=True)
+
+
+def avg_pool_3x3(x):
+    """3x3 mean over the pixels of each window that lie inside the image, from sums of shifted copies."""
+    side = x.shape[-1]
+    padded = F.pad(x, (1, 1, 1, 1))
+    inside = F.pad(torch.ones(1, 1, side, side), (1, 1, 1, 1))
+    total = sum(padded[..., i:i + side, j:j + side] for i in range(3) for j in range(3))
+    count = sum(inside[..., i:i + side, j:j + side] for i in range(3) for j in range(3))
+    return total / count
+
+
+def op_reference(op, w, C):
+    """Each op written out with torch.nn.functional on its own weights w (in parameters() order)."""
+    pad1, depthwise = dict(padding=1), dict(padding=1, groups=C)
+    return {
+        "conv_3x3": lambda x: relu_conv_bn(x, [(w[0], pad1)], w[1], w[2]),
+        "conv_1x5_5x1": lambda x: relu_conv_bn(x, [(w[0], dict(padding=(0, 2))), (w[1], dict(padding=(2, 0)))], w[2], w[3]),
+        "sep_conv_3x3": lambda x: relu_conv_bn(relu_conv_bn(x, [(w[0], depthwise), (w[1], {})], w[2], w[3]),
+                                               [(w[4], depthwise), (w[5], {})], w[6], w[7]),
+        "dil_conv_3x3": lambda x: relu_conv_bn(x, [(w[0], dict(padding=2, dilation=2, groups=C)), (w[1], {})], w[2], w[3]),
+        "max_pool_3x3": lambda x: torch.stack([F.pad(x, (1, 1, 1, 1), value=-float("inf"))[..., i:i + x.shape[-2], j:j + x.shape[-1]]
+                                               for i in range(3) for j in range(3)]).amax(0),
+        "avg_pool_3x3": avg_pool_3x3,
+        "identity": lambda x: x,
+    }[op]
+
+
+@pytest.mark.parametrize("op", [op for op in cells.OPS if op != "none"])
+@pytest.mark.parametrize("size", [7, 28])
+def test_every_op_computes_what_its_name_says(op, size):
+    torch.manual_seed(0)
+    module, x = cells.OPS[op](4).double(), torch.randn(2, 4, size, size, dtype=torch.float64)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.normal_()  # BatchNorm's affine too, so a missing one shows
+        assert torch.allclose(module(x), op_reference(op, list(module.parameters()), 4)(x), atol=1e-10)
+
+
 @pytest.mark.parametrize("op", list(cells.OPS))
-@pytest.mark.parametrize("size", [21, 28])
-def test_every_op_builds_and_runs_in_normal_and_reduction_positions(op, size):
-    for stride in (1, 2):
-        out = cells.OPS[op](4, stride)(torch.rand(2, 4, size, size))
-        assert out.shape == (2, 4, (size + stride - 1) // stride, (size + stride - 1) // stride)
-    net = cells.Network(((0, op, 1, op), (2, op, 0, op)), n_way=5, channels=4, cells=1, reductions=2)
+@pytest.mark.parametrize("size", [16, 28])
+def test_every_op_runs_inside_the_network(op, size):
+    net = cells.Network(((0, op, 1, "conv_3x3"), (2, op, 0, "identity")), n_way=5, image_size=size, channels=4)
     assert net(torch.rand(3, 3, size, size)).shape == (3, 5)
-    assert any(c.reduction for c in net.cells) and any(not c.reduction for c in net.cells)
+    assert cells.count_parameters(net) == cells.parameter_count(net.cells[0].cell, 5, size, channels=4)
+
+
+def maml_conv4(n_way, image_size, C=32):
+    """MAML's conv4 as Finn et al. wrote it: 4 x (3x3 conv with bias, BatchNorm, ReLU, 2x2 max-pool), linear."""
+    layers, c_in = [], 3
+    for _ in range(4):
+        layers += [nn.Conv2d(c_in, C, 3, padding=1), nn.BatchNorm2d(C, track_running_stats=False), nn.ReLU(), nn.MaxPool2d(2)]
+        c_in = C
+    return nn.Sequential(*layers, nn.Flatten(), nn.Linear(C * (image_size // 16) ** 2, n_way))
+
+
+@pytest.mark.parametrize("size, maml_params", [(28, 29061), (84, 32901)])
+def test_the_conv4_cell_is_mamls_conv4_given_its_weights(size, maml_params):
+    torch.manual_seed(0)
+    ref, ours = maml_conv4(5, size), cells.build_network(cells.CONV4_CELL, 5, size)
+    assert cells.count_parameters(ref) == maml_params  # 32,901 at 84 px, as MAML reports
+    assert cells.count_parameters(ours) == maml_params - 4 * 32  # less the 4 conv biases BatchNorm cancels
+    assert cells.parameter_count(cells.CONV4_CELL, 5, size) == maml_params - 4 * 32
+    kinds = (nn.Conv2d, nn.BatchNorm2d, nn.Linear)
+    theirs, mine = ([m for m in net.modules() if isinstance(m, kinds)] for net in (ref, ours))
+    assert [type(m) for m in theirs] == [type(m) for m in mine]
+    with torch.no_grad():
+        for a, b in zip(theirs, mine):
+            a.weight.normal_(0, 0.3), a.bias.normal_()  # every weight random, conv biases included
+            b.weight.copy_(a.weight)
+            if b.bias is not None:
+                b.bias.copy_(a.bias)
+    x = torch.rand(10, 3, size, size)
+    assert torch.allclose(ours(x), ref(x), rtol=1e-4, atol=1e-4)
 
 
 def test_search_space_counts_and_canonical_dedup():
     ops = list(cells.OPS)
     level1 = pnas.expand((), ops)
-    assert len(level1) == 105 == len({pnas.canonical(c) for c in level1})
+    assert len(level1) == 105 + 14 == len({pnas.canonical(c) for c in level1})  # 2 inputs x 7 ops alone beside none
     assert all(pnas.canonical(c) == c for c in level1)
-    assert len(pnas.expand(level1[0], ops)) == 21 * 22 // 2  # 3 inputs x 7 ops, unordered pairs
+    assert len(pnas.expand(level1[0], ops)) == 21 * 22 // 2 + 21  # 3 inputs x 7 ops: unordered pairs, or one alone
+    assert pnas.canonical(((1, "conv_3x3", 0, "none"),)) == pnas.canonical(((1, "none", 1, "conv_3x3"),))
     a, b = ((1, "conv_3x3", 0, "identity"),), ((0, "identity", 1, "conv_3x3"),)
     assert pnas.canonical(a) == pnas.canonical(b) and pnas.cell_key(a) == pnas.cell_key(b)
     assert torch.equal(pnas.encode(a, ops), pnas.encode(b, ops))
-    assert pnas.encode(a, ops).shape == pnas.encode(cells.AUTOMETA_CELL, ops).shape == (3 + 7,)
+    assert pnas.encode(a, ops).shape == pnas.encode(cells.AUTOMETA_CELL, ops).shape == (3 + 8,)
 
 
 def test_cell_json_round_trip_and_validation(tmp_path):
@@ -230,12 +302,8 @@ def test_cell_json_round_trip_and_validation(tmp_path):
         cells.load_arch(str(tmp_path / "broken.json"))
 
 
-def test_conv4_has_mamls_parameter_count():
-    assert cells.count_parameters(cells.build_network("conv4", 5, 84)) == 32901
-
-
 def test_unused_cell_inputs_get_no_parameters():
-    net = cells.Network(cells.AUTOMETA_CELL, 5, channels=4)  # never reads input 0
+    net = cells.Network(cells.AUTOMETA_CELL, 5, 28, channels=4)  # never reads input 0
     assert all(c.pre0 is None for c in net.cells)
     assert all(p.grad is not None for p in (net(torch.rand(2, 3, 28, 28)).sum().backward(), *net.parameters())[1:])
 
@@ -253,7 +321,7 @@ def test_spearman_against_hand_computed_values():
 def fake_accuracy(cell):
     """A known, learnable score: convolutions help, pooling hurts, a bit more per block."""
     worth = {"conv_3x3": 0.08, "conv_1x5_5x1": 0.06, "sep_conv_3x3": 0.05, "dil_conv_3x3": 0.04,
-             "identity": 0.0, "avg_pool_3x3": -0.02, "max_pool_3x3": -0.03}
+             "identity": 0.0, "avg_pool_3x3": -0.02, "max_pool_3x3": -0.03, "none": -0.01}
     return 0.3 + sum(worth[b[1]] + worth[b[3]] for b in cell) / (1 + 0.5 * len(cell))
 
 
@@ -271,25 +339,31 @@ def test_predictor_ranks_unseen_cells():
 
 def brute_force_key(cell):
     """The smallest tuple over every way of writing the same network: each order of the blocks in which a
-    block comes after the blocks it reads, and each order of each block's two halves."""
+    block comes after the blocks it reads, each order of each block's two halves, and each input a "none"
+    half (which reads nothing) could be written with."""
     best = None
     for order in itertools.permutations(range(len(cell))):
         new = {0: 0, 1: 1, **{old + 2: position + 2 for position, old in enumerate(order)}}
-        if any(new[i] >= new[b + 2] for b in order for i in (cell[b][0], cell[b][2])):
+        if any(new[i] >= new[b + 2] for b in order for i, op in ((cell[b][0], cell[b][1]), (cell[b][2], cell[b][3]))
+               if op != "none"):
             continue  # a block would read a later one
-        for swaps in itertools.product((False, True), repeat=len(cell)):
-            written = tuple((new[in2], op2, new[in1], op1) if swap else (new[in1], op1, new[in2], op2)
-                            for (in1, op1, in2, op2), swap in zip((cell[b] for b in order), swaps))
+        ways = []  # per block in this order: every way to write it
+        for position, b in enumerate(order):
+            in1, op1, in2, op2 = cell[b]
+            ins1, ins2 = ([new[i]] if op != "none" else range(position + 2) for i, op in ((in1, op1), (in2, op2)))
+            ways.append([w for a in ins1 for c in ins2 for w in ((a, op1, c, op2), (c, op2, a, op1))])
+        for written in itertools.product(*ways):
             best = written if best is None or written < best else best
     return best
 
 
 def every_cell(ops, blocks):
-    """Every cell of `blocks` blocks, each new block appended with every pair of (input, op): equal networks included."""
+    """Every cell of `blocks` blocks, each new block appended with every pair of (input, op) but two nones: equal
+    networks included."""
     level = [()]
     for _ in range(blocks):
         level = [parent + (a + b,) for parent in level for a, b in itertools.combinations_with_replacement(
-            [(i, op) for i in range(len(parent) + 2) for op in ops], 2)]
+            [(i, op) for i in range(len(parent) + 2) for op in ops], 2) if not a[1] == b[1] == "none"]
     return level
 
 
@@ -301,10 +375,10 @@ def same_partition(cells):
     return len(classes)
 
 
-@pytest.mark.parametrize("blocks, networks", [(1, 105), (2, 18795)])
+@pytest.mark.parametrize("blocks, networks", [(1, 119), (2, 22967)])
 def test_canonical_merges_exactly_the_cells_that_are_one_network(blocks, networks):
     assert same_partition(every_cell(list(cells.OPS), blocks)) == networks
-    assert len(pnas.expand((), list(cells.OPS))) == 105
+    assert len(pnas.expand((), list(cells.OPS))) == 119
 
 
 def test_canonical_on_three_blocks_of_three_ops_and_copies_of_a_block():
@@ -321,16 +395,18 @@ def test_canonical_on_three_blocks_of_three_ops_and_copies_of_a_block():
 def test_expand_gives_every_child_network_once():
     ops = list(cells.OPS)
     level1 = pnas.expand((), ops)
-    assert len({c for p in level1 for c in pnas.expand(p, ops)}) == 18795
+    assert len({c for p in level1 for c in pnas.expand(p, ops)}) == 22967
     children = pnas.expand(cells.AUTOMETA_CELL[:2], ops)
     assert children == sorted(set(children)) and all(pnas.canonical(c) == c for c in children)
 
 
 def known_score(cell):
-    """A plausible accuracy for any cell: the mean over its halves of a value of the op and of the kind of input."""
-    op_value = dict(zip(cells.OPS, [0.60, 0.57, 0.62, 0.58, 0.52, 0.50, 0.46]))
+    """A plausible accuracy for any cell: the mean over its halves of a value of the op, plus the mean of a value
+    of the kind of input over the halves that read one (a none half reads nothing)."""
+    op_value = dict(zip(cells.OPS, [0.60, 0.57, 0.62, 0.58, 0.52, 0.50, 0.46, 0.48]))
     halves = [(i, op) for in1, op1, in2, op2 in cell for i, op in ((in1, op1), (in2, op2))]
-    return float(np.mean([op_value[op] + (-0.01, 0.01, 0.02)[min(i, 2)] for i, op in halves]))
+    return float(np.mean([op_value[op] for _, op in halves])
+                 + np.mean([(-0.01, 0.01, 0.02)[min(i, 2)] for i, op in halves if op != "none"]))
 
 
 def test_predictor_fit_on_one_block_cells_ranks_their_deeper_children():
@@ -438,6 +514,80 @@ def test_probes_and_the_random_sampler_score_what_they_say(tmp_path):
     assert [r["cell"] for r in randomly[10:13]] != [r["cell"] for r in log[10:13]]
 
 
+class WatchedPredictor(pnas.Predictor):
+    """A predictor that remembers every cell it was asked to rank."""
+
+    def __init__(self, *args, **kw):
+        super().__init__(*args, **kw)
+        self.ranked = []
+
+    def predict(self, cells_):
+        self.ranked.extend(cells_)
+        return super().predict(cells_)
+
+
+def test_conv4_is_scored_at_level_1_of_every_search_once_and_is_a_parent_like_any_other(tmp_path):
+    conv4 = cells.CONV4_CELL
+    for max_first in (5, 0):  # a sample without conv4, and every cell (conv4 among them)
+        out = tmp_path / str(max_first)
+        run_fake_search(out, blocks=2, max_first=max_first, baseline=(conv4,))
+        level1 = [r for r in read_lines(out / "search.jsonl") if r["level"] == 1]
+        assert [pnas.as_cell(r["cell"]) for r in level1 if r["role"] == "baseline"] == [conv4]
+        assert [pnas.as_cell(r["cell"]) for r in level1].count(conv4) == 1
+        assert len(level1) == (5 + 1 if max_first else 119)
+    watched = WatchedPredictor(cells.OPS, epochs=20)  # the children ranked at level 2 include conv4's
+    run_fake_search(tmp_path / "c", blocks=2, max_first=5, baseline=(conv4,), predictor=watched)
+    assert set(pnas.expand(conv4, cells.OPS)) <= set(watched.ranked)
+
+
+def test_conv4_is_re_scored_beside_the_top_cells_and_wins_when_its_re_score_is_best(tmp_path):
+    conv4, first = cells.CONV4_CELL, pnas.first_level(cells.OPS, 4, seed=1)
+
+    def score(cell, trial=0, fresh=False):  # conv4 is last in the search, first when re-scored
+        low = 0.2 if cell == conv4 else fake_accuracy(cell)
+        return {"accuracy": 0.95 if fresh and cell == conv4 else low, "ci95": 0.01, "params": 1}
+    log = pnas.SearchLog(str(tmp_path / "search.jsonl"), 1, 5, say=lambda s: None)
+    measured = log.level(1, [(conv4, "baseline")] + [(c, "first") for c in first], score)
+    best = pnas.debiased_best(log, score, measured, 2, 1)
+    rescored = [r for r in read_lines(tmp_path / "search.jsonl") if r["role"] == "rescore"]
+    assert len(rescored) == 3 and conv4 in [pnas.as_cell(r["cell"]) for r in rescored]
+    assert pnas.as_cell(best["cell"]) == conv4
+    records = [dict(r, rescore={"accuracy": a}) for r, a in zip(measured, (0.70, 0.75, 0.60, 0.50, 0.40))]
+    assert autometa.against_baseline(records[1], records[:1]) == (
+        "conv4 in this space re-scored 70.00% on the same episodes (1 parameters): the best cell beat it by 5.00 points")
+    assert "did not beat it (10.00 points below)" in autometa.against_baseline(records[2], records[:1])
+    assert "is conv4 itself" in autometa.against_baseline(records[0], records[:1])
+    assert "failed to train" in autometa.against_baseline(records[1], [])
+
+
+def test_a_parameter_budget_keeps_every_child_over_it_from_being_ranked_or_scored(tmp_path):
+    budget, count = 640, functools.partial(cells.parameter_count, n_way=5, image_size=28, channels=4)
+    watched = WatchedPredictor(cells.OPS, epochs=20)
+    run_fake_search(tmp_path / "a", blocks=3, max_first=0, baseline=(cells.CONV4_CELL,), probes=2,
+                    predictor=watched, allowed=lambda c: count(c) <= budget)
+    ranked = watched.ranked
+    log = read_lines(tmp_path / "a" / "search.jsonl")
+    assert ranked and max(count(c) for c in ranked) <= budget
+    assert all(count(pnas.as_cell(r["cell"])) <= budget for r in log if r["role"] != "baseline")
+    assert len([r for r in log if r["level"] == 1]) < 119 and [r["level"] for r in log].count(3) == 5
+    over = [c for p in pnas.first_level(cells.OPS) for c in pnas.expand(p, cells.OPS) if count(c) > budget]
+    assert over and not set(over) & {pnas.as_cell(r["cell"]) for r in log}
+    said = []
+    log = pnas.SearchLog(str(tmp_path / "b.jsonl"), 2, 3, say=said.append)
+    pnas.search(lambda c: {"accuracy": 0.5}, log, 2, 2, list(cells.OPS), [], pnas.Predictor(cells.OPS),
+                baseline=(cells.CONV4_CELL,), allowed=lambda c: len(c) < 2)
+    assert "no child of level 1's cells is allowed (the parameter budget), so the search ends at level 1" in said[-1]
+
+
+def test_parameter_count_equals_the_built_networks_for_random_cells():
+    rng = random.Random(3)
+    for k in range(40):
+        cell = cells.parse_cell(random_cell(rng, 1 + k % 4))
+        settings = dict(n_way=3 + k % 3, image_size=(16, 28, 84)[k % 3], channels=(4, 6, 8)[k % 3],
+                        cells=1 + k % 2, reductions=(1, 2)[k % 2])
+        assert cells.parameter_count(cell, **settings) == cells.count_parameters(cells.build_network(cell, **settings))
+
+
 def test_failed_candidates_are_tried_again_and_superseded(tmp_path):
     broken = {"yes": True}
 
@@ -450,8 +600,8 @@ def test_failed_candidates_are_tried_again_and_superseded(tmp_path):
     broken["yes"] = False  # the cause is fixed: a rerun scores those cells again
     run_fake_search(tmp_path, score=score, blocks=1, max_first=0)
     records = pnas.read_log(str(tmp_path / "search.jsonl"))
-    assert len(records) == 105 and all(r["status"] == "ok" for r in records.values())
-    assert len(read_lines(tmp_path / "search.jsonl")) == 105 + len(failed) and failed
+    assert len(records) == 119 and all(r["status"] == "ok" for r in records.values())
+    assert len(read_lines(tmp_path / "search.jsonl")) == 119 + len(failed) and failed
 
 
 def test_an_old_log_with_one_network_twice_keeps_its_first_row(tmp_path):
@@ -758,27 +908,41 @@ TINY = ["--blocks", "2", "--beam", "2", "--max-first", "3", "--meta-iters", "3",
 
 
 def test_tiny_search_end_to_end_writes_a_valid_log_and_resumes_without_retraining(tmp_path):
-    out = str(tmp_path / "run")
-    first = cli("--search", "--out", out, *TINY)
+    out, budget = str(tmp_path / "run"), ["--max-params", "700"]
+    count = functools.partial(cells.parameter_count, n_way=5, image_size=28, channels=4)
+    sampled = [c for c in pnas.first_level(cells.OPS, 3, seed=0) if count(c) <= 700]
+    assert 0 < len(sampled) < 3 and cells.CONV4_CELL not in sampled  # the budget drops one of the 3 sampled
+    first = cli("--search", "--out", out, *TINY, *budget)
     assert first.returncode == 0, first.stderr
     log = read_lines(os.path.join(out, "search.jsonl"))
-    assert len(log) == 3 + 3 + 1 + 2 and all(r["status"] == "ok" and 0 <= r["accuracy"] <= 1 for r in log)
-    assert all(r["params"] > 0 and r["seconds"] > 0 for r in log)
+    n1 = len(sampled) + 1  # and conv4
+    assert all(r["status"] == "ok" and 0 <= r["accuracy"] <= 1 for r in log)
+    assert all(r["params"] == count(pnas.as_cell(r["cell"])) and r["seconds"] > 0 for r in log)
+    assert all(r["params"] <= 700 for r in log if r["role"] != "baseline")
     roles = [r["role"] for r in log]  # within a level in the order results arrive: the workers race
-    assert roles[:3] + sorted(roles[3:6]) + roles[6:] == ["first"] * 3 + ["beam"] * 2 + ["probe", "noise"] + ["rescore"] * 2
-    assert [r["predicted"] is None for r in log[:6]] == [True] * 3 + [False] * 3
-    noise = log[6]  # a level-1 cell again, another seed, the same episodes
-    assert noise["cell"] in [r["cell"] for r in log[:3]] and noise["seed"] != next(
-        r["seed"] for r in log[:3] if r["cell"] == noise["cell"])
+    assert sorted(roles[:n1]) == ["baseline"] + ["first"] * (n1 - 1)
+    assert sorted(roles[n1:n1 + 3]) + roles[n1 + 3:n1 + 4] == ["beam"] * 2 + ["probe", "noise"]
+    assert [pnas.as_cell(r["cell"]) for r in log if r["role"] == "baseline"] == [cells.CONV4_CELL]
+    assert [r["predicted"] is None for r in log[:n1 + 3]] == [True] * n1 + [False] * 3
+    noise = log[n1 + 3]  # a level-1 cell again, another seed, the same episodes
+    assert noise["cell"] in [r["cell"] for r in log[:n1]] and noise["seed"] != next(
+        r["seed"] for r in log[:n1] if r["cell"] == noise["cell"])
     best = json.loads(open(os.path.join(out, "best.json")).read())
-    assert best["config"]["blocks"] == 2 and cells.parse_cell(best["cell"])
-    rescored = {json.dumps(r["cell"]): r for r in log[7:]}
+    assert best["config"]["blocks"] == 2 and cells.parse_cell(best["cell"]) and best["skeleton"] == cells.SKELETON
+    assert best["params"] == count(pnas.as_cell(best["cell"]))
+    rescored = {json.dumps(r["cell"]): r for r in log[n1 + 4:]}
+    assert roles[n1 + 4:] == ["rescore"] * len(rescored) and json.dumps(list(map(list, cells.CONV4_CELL))) in rescored
     assert best["rescore"]["accuracy"] == max(r["accuracy"] for r in rescored.values())  # chosen by the re-score
     assert best["rescore"]["seeds"] == [rescored[json.dumps(best["cell"])]["seed"]]
     assert "best cell:" in first.stdout and "[level 2/2]" in first.stdout and "seed noise:" in first.stdout
-    assert "re-scored" in open(os.path.join(out, "report.md")).read()
-    again = cli("--search", "--out", out, *TINY)
-    assert again.returncode == 0 and again.stdout.count("logged") == 6
+    conv4 = rescored[json.dumps(list(map(list, cells.CONV4_CELL)))]
+    verdict = first.stdout.splitlines()[-2]
+    assert verdict.startswith("the best cell is conv4 itself" if best["cell"] == conv4["cell"] else
+                              f"conv4 in this space re-scored {100 * conv4['accuracy']:.2f}% on the same episodes")
+    report_md = open(os.path.join(out, "report.md")).read()
+    assert "re-scored" in report_md and f"conv4 in this space: {100 * log[[r['role'] for r in log].index('baseline')]['accuracy']:.2f}%" in report_md
+    again = cli("--search", "--out", out, *TINY, *budget)
+    assert again.returncode == 0 and again.stdout.count("logged") == n1 + 3
     assert read_lines(os.path.join(out, "search.jsonl")) == log
 
 
@@ -807,7 +971,7 @@ def test_inspect_prints_one_line_per_split(tmp_path):
 def test_synthetic_data_is_learnable_by_maml():
     torch.manual_seed(0)
     splits = data.synthetic_splits(28, 0)
-    model = cells.build_network("conv4", 5, 28)
+    model = cells.build_network(cells.CONV4_CELL, 5, 28)
     sampler = data.EpisodeSampler(splits["train"], 5, 1, 5, seed=0)
     maml.meta_train(model, torch.optim.Adam(model.parameters(), 3e-3), lambda: sampler.sample(2), 60, 1, 0.1,
                     first_order=True)
@@ -847,6 +1011,42 @@ def test_unknown_layout_and_changed_config_exit_2_and_keep_the_log(tmp_path):
     assert open(os.path.join(out, "search.jsonl")).read() == before
     result = cli("--train", "conv4", "--out", out)
     assert result.returncode == 2 and "another kind" in result.stderr
+
+
+def test_results_of_the_old_network_around_the_cell_are_refused_not_mixed(tmp_path, capsys):
+    old = {k: v for k, v in config.config_dict(config.make_config({})).items() if k != "skeleton"}
+    search = tmp_path / "search"
+    search.mkdir()
+    write_json(search / "config.json", {"run": "search", **old})
+    (search / "search.jsonl").write_text(json.dumps(dict(level=1, cell=[[1, "conv_3x3", 1, "identity"]], blocks=1,
+                                                         accuracy=0.5, ci95=0.1, status="ok", role="first")) + "\n")
+    best = tmp_path / "best.json"
+    write_json(best, {"cell": [[1, "conv_3x3", 1, "identity"]], "accuracy": 0.5, "config": old})
+    checkpoint = tmp_path / "best.pt"
+    torch.save({"model": {}, "config": old, "arch": "conv4", "iteration": 1}, checkpoint)
+    kept = {p: p.read_bytes() for p in (search / "config.json", search / "search.jsonl", best, checkpoint)}
+    for args in (["--search", "--out", str(search)], ["--train", str(best), "--out", str(tmp_path / "t")],
+                 ["--eval", str(checkpoint)]):
+        assert autometa.main(args) == 2
+        err = capsys.readouterr().err
+        assert "old network around" in err and len(err.strip().splitlines()) == 1, err
+    assert all(p.read_bytes() == b for p, b in kept.items()) and not (tmp_path / "t").exists()
+    with pytest.raises(config.ConfigError, match="old network"):
+        config.make_config({}, base=old)
+
+
+def test_a_log_scored_as_other_networks_is_refused(tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    cfg = config.make_config({"out": str(out)})
+    row = dict(level=1, cell=[[1, "conv_3x3", 1, "none"]], blocks=1, accuracy=0.5, ci95=0.1, status="ok", role="first",
+               params=scoring.parameters(cfg, cells.CONV4_CELL) + 1)
+    (out / "search.jsonl").write_text(json.dumps(row) + "\n")
+    before = (out / "search.jsonl").read_text()
+    assert autometa.main(["--search", "--out", str(out), "--workers", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "scored as a network of 28,934 parameters, which has 28,933 here" in err and len(err.strip().splitlines()) == 1
+    assert (out / "search.jsonl").read_text() == before
 
 
 # ---------------------------------------------------------------------------- --train and --eval
@@ -1307,7 +1507,11 @@ REPORT_CONFIG = {"ways": 5, "shots": 1, "blocks": 3, "data": "synthetic", "image
 def random_cell(rng, blocks):
     """A random valid cell of `blocks` blocks."""
     ops = list(cells.OPS)
-    return [[rng.randrange(b + 2), rng.choice(ops), rng.randrange(b + 2), rng.choice(ops)] for b in range(blocks)]
+    cell = []
+    for b in range(blocks):
+        op1 = rng.choice(ops)
+        cell.append([rng.randrange(b + 2), op1, rng.randrange(b + 2), rng.choice([op for op in ops if op != op1 or op != "none"])])
+    return cell
 
 
 def fake_log(levels=3):
@@ -1383,7 +1587,7 @@ def test_draw_training_on_made_up_history(tmp_path):
 
 def test_draw_cell_builtins_and_random_cells_put_every_box_in_its_own_place(tmp_path):
     rng = random.Random(1)
-    drawn = [list(cell) for name, cell in cells.BUILTIN.items() if name != "conv4"]
+    drawn = [list(cell) for cell in cells.BUILTIN.values()] + [[[1, "none", 0, "conv_3x3"], [2, "identity", 0, "none"]]]
     drawn += [random_cell(rng, blocks) for blocks in range(1, 6) for _ in range(3)]
     for k, cell in enumerate(drawn):
         path = tmp_path / f"cell{k}.png"
@@ -1397,8 +1601,11 @@ def test_draw_cell_builtins_and_random_cells_put_every_box_in_its_own_place(tmp_
             assert spans[0][0] > 0 and spans[-1][1] < image.height
         for node, halves in layout.halves.items():  # each op box is drawn, in its op's colour, where planned
             x, top = layout.lefts[layout.depth[node]], layout.top[("node", node)]
+            assert len(halves) == sum(op != "none" for op in cell[node - 2][1::2])  # no box for a none half
             for j, (_, op) in enumerate(halves):
-                y = top + drawing.CAPTION_H + j * (drawing.BOX_H + drawing.BOX_GAP) + 4
+                y = layout.box_top(node, j) + 4
+                assert layout.box_top(node, 0) == top + drawing.CAPTION_H + (
+                    0 if len(halves) == 2 else (drawing.BOX_H + drawing.BOX_GAP) / 2)  # one op: its box centred
                 assert image.getpixel((int(x) + 4, int(y))) == drawing.OP_FILL[op]
 
 
@@ -1409,7 +1616,9 @@ def test_draw_command_draws_builtins_inline_json_and_files_and_rejects_bad_cells
     (tmp_path / "best.json").write_text(json.dumps({"cell": [[0, "identity", 1, "avg_pool_3x3"]], "accuracy": 0.5}))
     assert autometa.main(["--draw", str(tmp_path / "best.json"), "--out", str(tmp_path / "c.png")]) == 0
     capsys.readouterr()
-    for args in (["--draw", "conv4", "--out", str(tmp_path / "d.png")],
+    assert autometa.main(["--draw", "conv4", "--out", str(tmp_path / "e.png")]) == 0
+    capsys.readouterr()
+    for args in (["--draw", '[[1, "none", 0, "none"]]', "--out", str(tmp_path / "d.png")],
                  ["--draw", '[[1, "conv_3x3", 0]]', "--out", str(tmp_path / "d.png")],
                  ["--draw", '[[1, "conv_3x3"', "--out", str(tmp_path / "d.png")],
                  ["--draw", '[[2, "conv_3x3", 0, "identity"]]', "--out", str(tmp_path / "d.png")],
@@ -1723,10 +1932,10 @@ def assert_same(model, tasks, first_order, atol):
 
 
 @pytest.mark.parametrize("first_order", [False, True])
-@pytest.mark.parametrize("arch", ["conv4", cells.AUTOMETA_CELL])
+@pytest.mark.parametrize("arch", [cells.CONV4_CELL, cells.AUTOMETA_CELL], ids=["conv4", "autometa"])
 def test_fast_meta_loss_equals_the_per_task_loop(arch, first_order):
     torch.manual_seed(0)
-    model = cells.build_network(arch, 3, 16, channels=16, reductions=1, stem_stride=1).double()
+    model = cells.build_network(arch, 3, 16, channels=16, reductions=1).double()
     tasks = image_tasks(16, dtype=torch.float64)
     with fastcpu.speedups(model, first_order) as layout:
         assert not layout(tasks)[2][0].is_contiguous()  # fast path taken
@@ -1735,8 +1944,8 @@ def test_fast_meta_loss_equals_the_per_task_loop(arch, first_order):
 
 def test_fast_meta_loss_is_as_accurate_as_the_per_task_loop_in_float32():
     torch.manual_seed(0)
-    model, tasks = cells.build_network("conv4", 3, 16), image_tasks(16)
-    exact = cells.build_network("conv4", 3, 16).double()
+    model, tasks = cells.build_network(cells.CONV4_CELL, 3, 16), image_tasks(16)
+    exact = cells.build_network(cells.CONV4_CELL, 3, 16).double()
     exact.load_state_dict(model.state_dict())
     _, truth = fast_and_reference(exact, tuple(t.double() if t.is_floating_point() else t for t in tasks), False)[1]
     (_, ours), (_, loop) = fast_and_reference(model, tasks, first_order=False)
@@ -1888,10 +2097,10 @@ def to_double(tasks):
 
 
 @pytest.mark.parametrize("first_order", [False, True])
-@pytest.mark.parametrize("arch", ["conv4", cells.AUTOMETA_CELL])
+@pytest.mark.parametrize("arch", [cells.CONV4_CELL, cells.AUTOMETA_CELL], ids=["conv4", "autometa"])
 def test_batched_meta_loss_equals_the_per_task_loop_in_float64(arch, first_order):
     torch.manual_seed(0)
-    model = cells.build_network(arch, 3, 16, channels=8, reductions=1, stem_stride=1).double()
+    model = cells.build_network(arch, 3, 16, channels=8, reductions=1).double()
     tasks = image_tasks(16, tasks=3, dtype=torch.float64)
     assert batched.runs(model, dict(model.named_parameters()), tasks)
     results = []
@@ -1912,7 +2121,7 @@ def test_operations_are_counted_without_views_and_batching_runs_one_tasks_worth_
         (a + 1).view(6).mul(2).unsqueeze(0)  # add and mul compute; view and unsqueeze do not
     assert counter.count == 2
     torch.manual_seed(0)
-    model = cells.build_network("conv4", 3, 16, channels=8)
+    model = cells.build_network(cells.CONV4_CELL, 3, 16, channels=8)
     params = dict(model.named_parameters())
 
     def counts(tasks, first_order):
@@ -1932,7 +2141,7 @@ def trained_tiny_network(arch, seed=0):
     """The tiny search's network of `arch`, meta-trained briefly so that its predictions are not chance."""
     torch.manual_seed(seed)
     splits = data.synthetic_splits(28, 0)
-    model = cells.build_network(arch, 5, 28, channels=8, reductions=2, stem_stride=2)
+    model = cells.build_network(arch, 5, 28, channels=8, reductions=2)
     sampler = data.EpisodeSampler(splits["train"], 5, 1, 5, seed)
     maml.meta_train(model, torch.optim.Adam(model.parameters(), 3e-3), lambda: sampler.sample(2), 10, 1, 0.1, True)
     return model, data.fixed_episodes(splits["val"], 5, 1, 5, 12, seed=0, batch=2)
@@ -1955,7 +2164,7 @@ def test_speedups_batch_evaluation_of_small_networks_on_a_cpu_and_fall_back_wher
     model, episodes = trained_tiny_network(cells.AUTOMETA_CELL[:1])
     assert speedups.automatic_group(model, episodes[0], cpu=True) == speedups.EVAL_BATCH
     assert speedups.automatic_group(model, episodes[0], cpu=False) == speedups.EVAL_BATCH
-    assert speedups.automatic_group(cells.build_network("conv4", 5, 28), episodes[0], cpu=True) == 1
+    assert speedups.automatic_group(cells.build_network(cells.CONV4_CELL, 5, 28), episodes[0], cpu=True) == 1
     params = dict(model.named_parameters())
     fast = speedups.choose(model, first_order=True)
     assert fast.per_episode(model, params, episodes, 3, 0.1) == maml.episode_accuracies(model, params, episodes, 3, 0.1)
