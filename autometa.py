@@ -229,8 +229,6 @@ def run_draw(arch_text, path):
     if not path.lower().endswith(".png"):
         raise ConfigError(f"--out {path} is not a .png file: --draw writes a PNG, pass --out FILE.png")
     cell = cells.load_arch(arch_text)
-    if cell == "conv4":
-        raise cells.CellError("conv4 is MAML's fixed 4-layer network, not a cell: draw a cell such as autometa")
     title = None if arch_text.lstrip().startswith("[") else os.path.basename(arch_text)
     with writing(path, "--out"):
         if os.path.dirname(path):

@@ -303,7 +303,7 @@ def time_overhead(cfg, device, repeats=REPEATS):
           f"{repeats}, alternating; device {device}):")
     print(f"  {'network':13s} {'order':6s} {'tasks':>5s} {'loop ops':>9s} {'loop':>9s} {'batched ops':>11s} "
           f"{'batched':>9s} {'loop/batched':>12s}")
-    for title, arch, size in (("conv4", "conv4", 16), ("autometa cell", cells.AUTOMETA_CELL, 8)):
+    for title, arch, size in (("conv4", cells.CONV4_CELL, 16), ("autometa cell", cells.AUTOMETA_CELL, 16)):
         for first_order in (False, True):
             for count in (2, 4):
                 torch.manual_seed(0)

@@ -12,7 +12,7 @@ import speedups
 
 
 def build_model(cfg, arch):
-    """The network for a cell (or 'conv4') under this config."""
+    """The network for a cell (cells.CONV4_CELL: conv4) under this config."""
     return cells.build_network(arch, cfg.ways, cfg.image_size, cfg.channels, cfg.cells, cfg.reductions)
 
 
