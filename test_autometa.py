@@ -530,12 +530,12 @@ def test_conv4_is_scored_at_level_1_of_every_search_once_and_is_a_parent_like_an
     conv4 = cells.CONV4_CELL
     for max_first in (5, 0):  # a sample without conv4, and every cell (conv4 among them)
         out = tmp_path / str(max_first)
-        run_fake_search(out, blocks=2, max_first=max_first, baseline=(conv4,))
+        run_fake_search(out, blocks=2, max_first=max_first, baseline=(conv4,), predictor=cheap_predictor())
         level1 = [r for r in read_lines(out / "search.jsonl") if r["level"] == 1]
         assert [pnas.as_cell(r["cell"]) for r in level1 if r["role"] == "baseline"] == [conv4]
         assert [pnas.as_cell(r["cell"]) for r in level1].count(conv4) == 1
         assert len(level1) == (5 + 1 if max_first else 119)
-    watched = WatchedPredictor(cells.OPS, epochs=20)  # the children ranked at level 2 include conv4's
+    watched = WatchedPredictor(cells.OPS, members=1, epochs=20)  # the children ranked at level 2 include conv4's
     run_fake_search(tmp_path / "c", blocks=2, max_first=5, baseline=(conv4,), predictor=watched)
     assert set(pnas.expand(conv4, cells.OPS)) <= set(watched.ranked)
 
@@ -562,7 +562,7 @@ def test_conv4_is_re_scored_beside_the_top_cells_and_wins_when_its_re_score_is_b
 
 def test_a_parameter_budget_keeps_every_child_over_it_from_being_ranked_or_scored(tmp_path):
     budget, count = 640, functools.partial(cells.parameter_count, n_way=5, image_size=28, channels=4)
-    watched = WatchedPredictor(cells.OPS, epochs=20)
+    watched = WatchedPredictor(cells.OPS, members=1, epochs=20)
     run_fake_search(tmp_path / "a", blocks=3, max_first=0, baseline=(cells.CONV4_CELL,), probes=2,
                     predictor=watched, allowed=lambda c: count(c) <= budget)
     ranked = watched.ranked
@@ -1092,7 +1092,7 @@ def test_train_on_several_seeds_and_eval_their_folder(tmp_path):
     assert cli("--train", "conv4", "--out", out, "--seeds", "0,1", "--train-iters", "3", *TRAIN).returncode == 0
     a, b = (torch.load(os.path.join(out, f"seed-{s}", "best.pt"), weights_only=True) for s in (0, 1))
     assert a["config"]["seed"] == b["config"]["seed"] == 0  # the data and the episodes stay --seed's
-    assert not torch.equal(a["model"]["0.weight"], b["model"]["0.weight"])  # the training seed differs
+    assert not torch.equal(a["model"]["stem.0.weight"], b["model"]["stem.0.weight"])  # the training seed differs
     result = cli("--eval", out, cwd=str(tmp_path))
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
@@ -1374,7 +1374,7 @@ def test_a_full_disk_during_a_search_exits_2_and_the_same_command_goes_on(tmp_pa
     # fake_accuracy, not trained, and the predictor is a cheap one.
     monkeypatch.setattr(data, "splits_for", lambda cfg, needed: None)
     monkeypatch.setattr(autometa, "make_scorer", lambda cfg, splits, device: lambda cell, trial=0, fresh=False: dict(
-        accuracy=fake_accuracy(cell), ci95=0.01, params=1))
+        accuracy=fake_accuracy(cell), ci95=0.01, params=scoring.parameters(cfg, cell)))
     predictor = pnas.Predictor
     monkeypatch.setattr(pnas, "Predictor", lambda ops, seed: predictor(ops, members=1, epochs=20))
     append = pnas.SearchLog.append
@@ -1392,7 +1392,9 @@ def test_a_full_disk_during_a_search_exits_2_and_the_same_command_goes_on(tmp_pa
     assert len(kept) == 2
     monkeypatch.setattr(pnas.SearchLog, "append", append)
     assert autometa.main(["--search", "--out", str(out), *TINY]) == 0
-    assert read_lines(out / "search.jsonl")[:2] == kept and len(read_lines(out / "search.jsonl")) == 3 + 3 + 1 + 2
+    log = read_lines(out / "search.jsonl")
+    rescores = [r["role"] for r in log].count("rescore")  # the top 2, and conv4 unless among them
+    assert log[:2] == kept and rescores in (2, 3) and len(log) == 3 + 1 + 3 + 1 + rescores
 
 
 STOP_AT = r'''
@@ -1746,7 +1748,7 @@ def one_worker(tmp_path_factory):
 def assert_same_search(out, reference):
     """The same log records (but the clock) and the same best cell and scores as the search in `reference`."""
     one, two = (results(run / "search.jsonl", ignore=["seconds"]) for run in (reference, out))
-    assert two == one and len(one) == 9
+    assert two == one and len(one) == len(read_lines(reference / "search.jsonl"))  # no row twice
     best = [json.loads((run / "best.json").read_text()) for run in (reference, out)]
     assert [{k: b[k] for k in ("cell", "accuracy", "ci95", "rescore")} for b in best] == [
         {k: best[0][k] for k in ("cell", "accuracy", "ci95", "rescore")}] * 2
@@ -2141,7 +2143,7 @@ def trained_tiny_network(arch, seed=0):
     """The tiny search's network of `arch`, meta-trained briefly so that its predictions are not chance."""
     torch.manual_seed(seed)
     splits = data.synthetic_splits(28, 0)
-    model = cells.build_network(arch, 5, 28, channels=8, reductions=2)
+    model = cells.build_network(arch, 5, 28, channels=4, reductions=2)  # small enough for batched evaluation
     sampler = data.EpisodeSampler(splits["train"], 5, 1, 5, seed)
     maml.meta_train(model, torch.optim.Adam(model.parameters(), 3e-3), lambda: sampler.sample(2), 10, 1, 0.1, True)
     return model, data.fixed_episodes(splits["val"], 5, 1, 5, 12, seed=0, batch=2)
