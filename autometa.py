@@ -16,12 +16,18 @@ Settings live in `config.Config`; a preset fills it and every flag overrides one
 commands run lives in modules named for it: scoring.py (a candidate's score), pnas.py (the search),
 training.py (--train, --eval), team.py (--workers, torchrun), bench.py (--bench), report.py and drawing.py (pictures).
 """
-import argparse
+import stops  # the standard library alone: in place before torch loads, so that a stop then is one line too
+
+if __name__ == "__main__":
+    stops.while_starting()
+
+import argparse  # noqa: E402 (after the handlers)
 import dataclasses
 import json
 import os
 import statistics
 import sys
+import threading
 import time
 
 import torch
@@ -184,12 +190,7 @@ def run_train(cfg, arch_text):
             print(f"--- training seed {seed}: {run.out}")
         with hold(run.out), writing(run.out, "--out"):
             check_resume(run, "train")
-            try:
-                trainer = training.train(run, arch, data.splits_for(run, ("train", "val")), device)
-            except KeyboardInterrupt:
-                print(f"interrupted: rerun the same command to resume from the last checkpoint in {run.out}",
-                      file=sys.stderr)
-                return 130
+            trainer = training.train(run, arch, data.splits_for(run, ("train", "val")), device)
         if trainer.iteration == run.train_iters and trainer.best is not None:
             print(f"best validation accuracy {100 * trainer.best['val_accuracy']:.2f}% at iteration "
                   f"{trainer.best['iteration']}; checkpoints in {run.out}/ (best.pt, last.pt), log in train.jsonl")
@@ -204,8 +205,10 @@ def run_eval(args):
         state = training.load_checkpoint(path)
         cfg = make_config(flags(args), args.preset, base=state["config"])
         set_up_process(cfg)
-        accuracy, ci95 = training.checkpoint_accuracy(cfg, state, data.splits_for(cfg, ("test",)),
-                                                      pick_device(cfg.device))
+        device = pick_device(cfg.device)
+        print(f"{label + ': ' if label else ''}testing {path} on {cfg.eval_episodes} test episodes, {cfg.ways}-way "
+              f"{cfg.shots}-shot, device {device}", flush=True)
+        accuracy, ci95 = training.checkpoint_accuracy(cfg, state, data.splits_for(cfg, ("test",)), device)
         print(f"{label + ': ' if label else ''}test accuracy: {100 * accuracy:.2f}% ± {100 * ci95:.2f}% "
               f"(95% CI, {cfg.eval_episodes} episodes)")
         found.append((accuracy, ci95))
@@ -266,34 +269,49 @@ def run(args):
         return run_eval(args)
     cfg = make_config(flags(args), args.preset)
     set_up_process(cfg, search=args.search)
-    if args.search:
-        run_search(cfg)
-    elif args.inspect:
-        run_inspect(cfg)
-    elif args.train is not None:
-        if args.out is None:
-            cfg.out = train_out(args.train)
-        return run_train(cfg, args.train)
-    elif args.draw is not None:
-        run_draw(args.draw, args.out)
-    elif args.bench is not None:
-        run_bench(cfg, args.bench)
+    try:
+        if args.search:
+            run_search(cfg)
+        elif args.inspect:
+            run_inspect(cfg)
+        elif args.train is not None:
+            if args.out is None:
+                cfg.out = train_out(args.train)
+            return run_train(cfg, args.train)
+        elif args.draw is not None:
+            run_draw(args.draw, args.out)
+        elif args.bench is not None:
+            run_bench(cfg, args.bench)
+    except stops.Stopped as e:  # where the results are, for main's one line
+        if args.search:
+            e.where = f"every result so far is in {cfg.out}/search.jsonl: rerun the same command to resume"
+        elif args.train is not None:
+            e.where = (f"the checkpoints so far are in {cfg.out}: rerun the same command to resume from the "
+                       "last one")
+        raise
     return 0
 
 
 def main(argv=None):
-    """Parse flags, run one command; bad input exits 2 with one sentence."""
+    """Parse flags, run one command; bad input exits 2 with one sentence, a stop signal ends in one line
+    with 128 + its number (stops.py)."""
     args = make_parser().parse_args(argv)
     if args.bench is None:  # --bench times the loops with and without it
         fastcpu.reuse_freed_memory()
-    try:
-        return run(args)
-    except (ConfigError, data.DataError, cells.CellError, pnas.LogError, FolderError) as e:
-        print(f"autometa: error: {e}", file=sys.stderr)
-        return 2
-    except pnas.SearchError as e:
-        print(f"autometa: search failed: {e}", file=sys.stderr)
-        return 1
+    with stops.signals_raise():
+        try:
+            return run(args)
+        except (ConfigError, data.DataError, cells.CellError, pnas.LogError, FolderError) as e:
+            print(f"autometa: error: {e}", file=sys.stderr)
+            return 2
+        except pnas.SearchError as e:
+            print(f"autometa: search failed: {e}", file=sys.stderr)
+            return 1
+        except stops.Stopped as e:
+            print(e.line(), file=sys.stderr)
+            if threading.active_count() > 1:  # a team's helper thread, still training a candidate
+                stops.exit_now(e.status)
+            return e.status
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ import torch.distributed as dist
 
 import data
 import pnas
+import stops
 from config import config_flags, pick_device
 from scoring import make_scorer
 
@@ -33,11 +34,37 @@ def run_search(cfg, lead):
     team = Team.join(cfg.wait_minutes)
     device = rank_device(pick_device(cfg.device), int(os.environ.get("LOCAL_RANK", "0")))
     if team.rank == 0:  # torchrun sends SIGTERM to stop the job, e.g. when another process has failed
-        signal.signal(signal.SIGTERM, lambda *_: stopped(cfg.out, "by torchrun (another process failed or the job "
-                                                                  "was interrupted)"))
+        signal.signal(signal.SIGTERM, functools.partial(
+            stops.raise_stopped, by="torchrun (SIGTERM: another process failed or the job was stopped)"))
         return lead(cfg, device, team)
-    team.barrier()  # rank 0 decodes and caches the dataset first; this rank then reads the cache
-    team.serve(make_scorer(cfg, data.splits_for(cfg, ("train", "val")), device))
+    watch_parent(team.rank, cfg.out)
+    try:
+        team.barrier()  # rank 0 decodes and caches the dataset first; this rank then reads the cache
+        team.serve(make_scorer(cfg, data.splits_for(cfg, ("train", "val")), device))
+    except dist.DistError as e:  # rank 0, which serves the store, is gone
+        raise pnas.SearchError(rank0_gone(team.rank, cfg.out)) from e
+
+
+def rank0_gone(rank, out):
+    """A worker's one line when rank 0 ended without a word."""
+    return (f"rank {rank} lost rank 0, which ended without a word: if the system killed it for lack of memory (the "
+            "out-of-memory killer), use fewer --workers or a smaller preset; every result so far is in "
+            f"{out}/search.jsonl: rerun the same command to resume")
+
+
+def watch_parent(rank, out):
+    """In a --workers worker: when rank 0, its parent, is gone (killed, so unable to stop it), say so and end
+    at once rather than finish a candidate no one will log."""
+    parent = os.environ.get("AUTOMETA_PARENT")
+    if parent is None:  # under torchrun, which watches its processes itself
+        return
+
+    def watch():
+        while os.getppid() == int(parent):
+            time.sleep(0.2)
+        print(f"autometa: search failed: {rank0_gone(rank, out)}", file=sys.stderr, flush=True)
+        os._exit(1)
+    threading.Thread(target=watch, daemon=True).start()
 
 
 def run_workers(cfg, count, lead):
@@ -46,15 +73,13 @@ def run_workers(cfg, count, lead):
     timeout = timedelta(minutes=cfg.wait_minutes)
     store = dist.TCPStore("127.0.0.1", 0, count, is_master=True, timeout=timeout, wait_for_workers=False)
     workers = Workers(cfg, count, store.port)
-    before = signal.signal(signal.SIGTERM, lambda *_: (workers.stop(now=True), stopped(cfg.out, "by SIGTERM")))
     try:
         return lead(cfg, rank_device(pick_device(cfg.device), 0), Team(store, 0, count, timeout, workers))
-    except BaseException:
+    except BaseException:  # a stop signal (stops.Stopped) or an error: they end with this process
         workers.stop(now=True)
         raise
     finally:
         workers.stop()  # dismissed by the lead: they are ending
-        signal.signal(signal.SIGTERM, before)
 
 
 class Workers:
@@ -65,7 +90,7 @@ class Workers:
         self.command = [sys.executable, os.path.join(HERE, "autometa.py"), "--search", *config_flags(cfg),
                         "--workers", "1"]
         self.env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(count),
-                        LOCAL_WORLD_SIZE=str(count))
+                        LOCAL_WORLD_SIZE=str(count), AUTOMETA_PARENT=str(os.getpid()))
         self.count, self.out, self.processes = count, cfg.out, []
 
     def start(self):
@@ -105,13 +130,6 @@ def rank_device(device, local_rank):
         device = torch.device("cuda", local_rank % torch.cuda.device_count())
     torch.cuda.set_device(device)
     return device
-
-
-def stopped(out, why):
-    """Say where the results are and exit now, without waiting for the candidate rank 0 is training."""
-    print(f"autometa: stopped {why}; every result so far is in {out}/search.jsonl: rerun the same command to resume",
-          file=sys.stderr, flush=True)
-    os._exit(1)
 
 
 class Team:
@@ -186,13 +204,14 @@ class Team:
         """On the other ranks: score the cells rank 0 posts, level after level, until it dismisses us."""
         self.store.add("autometa/serving", 1)
         while True:
-            keys = self._next_level()
+            keys, started = self._next_level(), time.monotonic()
             try:
                 self.store.wait([f"{keys}/cells"], self.timeout)
-            except dist.DistError as e:  # no news in time, or rank 0 (which holds a --workers store) is gone
-                raise pnas.SearchError(f"rank {self.rank} heard nothing from rank 0 for {self._minutes()}, or lost it, "
-                                       "so it has hung or died; rerun the same command to resume from search.jsonl"
-                                       ) from e
+            except dist.DistError as e:  # no news in time (else rank 0, which serves a --workers store, is gone)
+                if time.monotonic() - started < self.timeout.total_seconds():
+                    raise
+                raise pnas.SearchError(f"rank {self.rank} heard nothing from rank 0 for {self._minutes()}, so it has "
+                                       "hung; rerun the same command to resume from search.jsonl") from e
             posted = json.loads(self.store.get(f"{keys}/cells"))
             if posted is None:
                 return

@@ -9,6 +9,7 @@ import os
 import pickle
 import random
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -1084,7 +1085,8 @@ def test_eval_is_deterministic_and_needs_only_the_checkpoint(tmp_path):
     second = cli("--eval", os.path.join(out, "best.pt"), cwd=str(tmp_path))
     assert first.returncode == 0, first.stderr
     assert first.stdout == second.stdout
-    assert first.stdout.startswith("test accuracy: ") and "(95% CI, 6 episodes)" in first.stdout
+    assert first.stdout.splitlines()[0] == f"testing {os.path.join(out, 'best.pt')} on 6 test episodes, 3-way 1-shot, device cpu"
+    assert first.stdout.splitlines()[1].startswith("test accuracy: ") and "(95% CI, 6 episodes)" in first.stdout
 
 
 def test_train_on_several_seeds_and_eval_their_folder(tmp_path):
@@ -1095,7 +1097,7 @@ def test_train_on_several_seeds_and_eval_their_folder(tmp_path):
     assert not torch.equal(a["model"]["stem.0.weight"], b["model"]["stem.0.weight"])  # the training seed differs
     result = cli("--eval", out, cwd=str(tmp_path))
     assert result.returncode == 0, result.stderr
-    lines = result.stdout.splitlines()
+    lines = [line for line in result.stdout.splitlines() if ": testing " not in line]
     assert lines[0].startswith("seed 0: test accuracy: ") and lines[1].startswith("seed 1: test accuracy: ")
     assert lines[2].startswith("mean over 2 seeds: ") and "std across seeds" in lines[2]
     single = cli("--eval", os.path.join(out, "seed-1", "best.pt"), cwd=str(tmp_path))
@@ -1192,6 +1194,94 @@ def test_killed_search_resumes_to_the_same_log_and_best_cell(tmp_path):
     assert scores(log) == scores(tmp_path / "whole" / "search.jsonl")  # none lost, none duplicated, same scores
     assert json.loads((out / "best.json").read_text())["cell"] == \
         json.loads((tmp_path / "whole" / "best.json").read_text())["cell"]
+
+
+def start(args, **kw):
+    """Start `args` (a command line after python) as a user would, with stdout (unbuffered) and stderr kept."""
+    return subprocess.Popen([sys.executable, *args], cwd=HERE, env=child_env(PYTHONUNBUFFERED="1"),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+
+
+def wait_for_lines(path, n, proc, seconds=240):
+    """Wait until the file has n lines (the run is then training the next candidate)."""
+    deadline = time.time() + seconds
+    while not (path.exists() and path.read_text().count("\n") >= n):
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()
+        time.sleep(0.05)
+
+
+def left_behind(out):
+    """Processes of this machine whose command line names `out`: none may outlive a stopped run."""
+    deadline = time.time() + 10  # a stopped worker may take a moment to be reaped
+    while time.time() < deadline:
+        found = subprocess.run(["pgrep", "-f", f"--out {out}"], capture_output=True, text=True).stdout.split()
+        if not found:
+            return []
+        time.sleep(0.1)
+    return found
+
+
+@pytest.mark.parametrize("workers, how, status", [("1", signal.SIGINT, 130), ("2", signal.SIGTERM, 143),
+                                                  ("2", signal.SIGKILL, -9), ("torchrun", signal.SIGINT, None)],
+                         ids=["ctrl-c-one-process", "sigterm-two-workers", "rank-0-killed", "ctrl-c-torchrun"])
+def test_a_stopped_search_says_so_in_one_line_leaves_no_process_and_resumes_to_the_same_log(
+        tmp_path, one_worker, workers, how, status):
+    out = tmp_path / "run"
+    if workers == "torchrun":  # Ctrl-C in a terminal signals the whole process group: torchrun and its ranks
+        proc = start(["-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "autometa.py", "--search",
+                      "--out", str(out), *TINY], start_new_session=True)
+    else:
+        proc = start(["autometa.py", "--search", "--out", str(out), *TINY, "--workers", workers])
+    wait_for_lines(out / "search.jsonl", 2, proc)
+    os.killpg(proc.pid, how) if workers == "torchrun" else proc.send_signal(how)
+    _, err = proc.communicate(timeout=120)
+    ours = [line for line in err.splitlines() if line.startswith("autometa:")]
+    resume = f"every result so far is in {out}/search.jsonl: rerun the same command to resume"
+    if how == signal.SIGKILL:  # rank 0 had no word to say: its worker says it
+        assert ours == [f"autometa: search failed: rank 1 lost rank 0, which ended without a word: if the system killed "
+                        "it for lack of memory (the out-of-memory killer), use fewer --workers or a smaller preset; "
+                        + resume]
+    else:
+        by = {signal.SIGINT: "Ctrl-C (SIGINT)", signal.SIGTERM: "SIGTERM"}[how]
+        assert ours == [f"autometa: stopped by {by}; {resume}"], err
+    if status is not None:
+        assert proc.returncode == status and err.strip().splitlines() == ours, err
+    assert "autometa.py" not in err and "team.py" not in err  # torchrun tells its own story, no traceback of ours
+    assert left_behind(out) == []
+    assert cli("--search", "--out", str(out), *TINY, "--workers", "1").returncode == 0
+    assert_same_search(out, one_worker)
+
+
+def test_a_stopped_train_checkpoint_eval_and_bench_end_in_one_line(tmp_path, capsys, whole_training):
+    out = tmp_path / "run"
+    with open(tmp_path / "stderr", "w") as stderr:  # stopped halfway through writing its second last.pt
+        child = subprocess.Popen([sys.executable, "-c", STOP_AT, "last.pt", "2", *train_args(out)], cwd=HERE,
+                                 env=child_env(), stdout=subprocess.DEVNULL, stderr=stderr)
+    _, status = os.waitpid(child.pid, os.WUNTRACED)
+    assert os.WIFSTOPPED(status)
+    child.send_signal(signal.SIGTERM)
+    child.send_signal(signal.SIGCONT)
+    assert child.wait(60) == 143
+    assert (tmp_path / "stderr").read_text() == (f"autometa: stopped by SIGTERM; the checkpoints so far are in {out}: "
+                                                  "rerun the same command to resume from the last one\n")
+    assert not [name for name in os.listdir(out) if name.endswith(files.PARTIAL)]  # the half-written file is gone
+    with one_thread():
+        assert autometa.main(train_args(out)) == 0
+    assert_same_training(out, whole_training)
+    for args, how in [(["--eval", str(out / "best.pt"), "--eval-episodes", "100000"], signal.SIGTERM),
+                      (["--bench", "search", "--channels", "4", "--out", str(tmp_path / "bench")], signal.SIGINT)]:
+        proc = start(["autometa.py", *args])
+        assert proc.stdout.readline()  # it has started: past the imports, into the command
+        proc.send_signal(how)
+        _, err = proc.communicate(timeout=120)
+        by = {signal.SIGINT: "Ctrl-C (SIGINT)", signal.SIGTERM: "SIGTERM"}[how]
+        assert proc.returncode == 128 + how and err == f"autometa: stopped by {by}\n", err
+    assert left_behind(tmp_path / "bench") == []
+    proc = start(["autometa.py", "--inspect"])
+    time.sleep(0.5)  # still loading torch
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and err == "autometa: stopped by Ctrl-C (SIGINT) while starting\n", err
 
 
 # ---------------------------------------------------------------------------- run folders (files.py)
