@@ -284,7 +284,12 @@ def test_search_space_counts_and_canonical_dedup():
     a, b = ((1, "conv_3x3", 0, "identity"),), ((0, "identity", 1, "conv_3x3"),)
     assert pnas.canonical(a) == pnas.canonical(b) and pnas.cell_key(a) == pnas.cell_key(b)
     assert torch.equal(pnas.encode(a, ops), pnas.encode(b, ops))
-    assert pnas.encode(a, ops).shape == pnas.encode(cells.AUTOMETA_CELL, ops).shape == (3 + 8,)
+    assert pnas.encode(a, ops).shape == pnas.encode(cells.AUTOMETA_CELL, ops).shape == (4 + 8 + 8 * 9 // 2,)
+    # one bag of ops in other pairs is another cell to the predictor
+    x, y = (1, "conv_3x3", 1, "identity"), (1, "max_pool_3x3", 1, "sep_conv_3x3")
+    z, w = (1, "conv_3x3", 1, "max_pool_3x3"), (1, "identity", 1, "sep_conv_3x3")
+    assert torch.equal(pnas.encode((x, y), ops), pnas.encode((y, x), ops))
+    assert not torch.equal(pnas.encode((x, y), ops), pnas.encode((z, w), ops))
 
 
 def test_cell_json_round_trip_and_validation(tmp_path):
