@@ -427,6 +427,32 @@ def test_predictor_fit_on_one_block_cells_ranks_their_deeper_children():
     assert pnas.spearman(*predicted) >= 0.9  # two predictor seeds rank them alike
 
 
+# a seeded value for each unordered pair of ops, "none" included: a score that no sum over ops can give
+PAIR_VALUE = {pair: value for pair, value in zip(itertools.combinations_with_replacement(sorted(cells.OPS), 2),
+                                                 np.random.default_rng(23).uniform(0.2, 0.8, 36))}
+
+
+def pair_score(cell):
+    """The mean over blocks of its op pair's value, plus 0.01 for each of its halves reading a block's output."""
+    def block(in1, op1, in2, op2):
+        reads_a_block = sum(i > 1 for i, op in ((in1, op1), (in2, op2)) if op != "none")
+        return PAIR_VALUE[tuple(sorted((op1, op2)))] + 0.01 * reads_a_block
+    return float(np.mean([block(*b) for b in cell]))
+
+
+def test_predictor_fit_on_one_block_cells_ranks_children_by_the_op_pairs_of_their_blocks():
+    ops = list(cells.OPS)
+    level1 = pnas.expand((), ops)
+    parents = sorted(level1, key=lambda c: (-pair_score(c), c))[:5]
+    unseen = sorted({c for p in parents for c in pnas.expand(p, ops)})
+    truth = np.array([pair_score(c) for c in unseen])
+    best = set(np.argsort(-truth, kind="stable")[:len(unseen) // 5])  # the top 20% of the children
+    for seed in (0, 1):
+        predicted = pnas.Predictor(ops, seed=seed).fit(level1, [pair_score(c) for c in level1]).predict(unseen)
+        assert pnas.spearman(predicted, truth) >= 0.8
+        assert set(np.argsort(-predicted, kind="stable")[:5]) <= best
+
+
 def run_fake_search(out, score=None, blocks=3, beam=3, max_first=10, predictor=None, job=None, **kw):
     """pnas.search with a fake score (fake_accuracy), as autometa.py runs it; `job`: a torchrun Team."""
     os.makedirs(out, exist_ok=True)
