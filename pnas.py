@@ -119,27 +119,43 @@ def as_cell(blocks):
 # ---------------------------------------------------------------------------- the predictor
 
 def encode(cell, ops):
-    """Predictor features that mean the same for cells of any size: 3 + len(ops) numbers.
+    """Predictor features that mean the same for cells of any size: 4 + n + n(n+1)/2 numbers for n ops.
 
-    [fraction of halves reading a block of this cell (its kind, not its index, which a shallower
-    cell never has); of the halves reading the cell's inputs, the fraction reading the previous
-    cell rather than the one two back; 1 / block count; fraction of halves using each op].
-    Fractions, not counts, so that what was learnt on b-block cells carries over to their
-    (b+1)-block children (as PNAS's averaging over blocks does).
+    Each block is described by what it is and the cell by the mean over its blocks, as PNAS averages
+    its per-block embeddings, so that what was learnt on b-block cells carries over to their
+    (b+1)-block children whatever the blocks' order or number. Per block: its two ops as an
+    unordered pair (a one-hot over every pair, "none" included), which tells ``conv + pool,
+    identity + sep`` from ``conv + identity, pool + sep``; and each op's share of its two halves,
+    which still prices an op in a pair never measured (a search that samples its first cells
+    measures few pairs). Pooled over the cell's halves that read an input (a "none" half reads
+    nothing): the fraction reading a block of this cell (its kind, not its index, which a shallower
+    cell never has), and of those reading the cell's inputs, the fraction reading the previous
+    cell rather than the one two back. Last, 1 / block count and the longest chain / block count.
+
+    [reads a block, reads k-1 | cell input, 1 / blocks, depth / blocks, op shares (n), pairs (n(n+1)/2)]
     """
     ops = list(ops)
-    # the kinds of input are those of the halves that read one: a "none" half reads nothing
-    halves = [(i, op) for in1, op1, in2, op2 in cell for i, op in ((in1, op1), (in2, op2)) if op != "none"]
+    n = len(ops)
     # The previous cell's share is taken among the halves reading a cell input, so a half reading a
     # block leaves it unchanged: fitted on 1-block cells only, the predictor then values such a half
     # by its op alone. Over all halves instead, "cell k-2" and "cell k-1" add up to 1 on 1-block
     # cells, so the fit splits weight between them arbitrarily, and that split would price a block read.
-    from_cells = [i for i, _ in halves if i < 2]  # never empty: block 0 reads only the cell's inputs
-    op_share = torch.zeros(len(ops))
-    for op in (op for block in cell for op in block[1::2]):
-        op_share[ops.index(op)] += 1 / (2 * len(cell))
-    kinds = [1 - len(from_cells) / len(halves), sum(from_cells) / len(from_cells), 1 / len(cell)]
-    return torch.cat([torch.tensor(kinds), op_share])
+    # Pooling over halves, rather than averaging each block's shares, weighs a block by the halves it
+    # describes: a block reading no cell input has no previous-cell share to average.
+    reads, from_cells, depth = 0, [], [0, 0]  # depth: of the cell's two inputs, then of each block
+    features = [0.0] * (4 + n + n * (n + 1) // 2)
+    for in1, op1, in2, op2 in cell:
+        halves = [i for i, op in ((in1, op1), (in2, op2)) if op != "none"]
+        reads += len(halves)
+        from_cells += [i for i in halves if i < 2]  # never empty: block 0 reads only the cell's inputs
+        depth.append(1 + max(depth[i] for i in halves))
+        a, b = sorted((ops.index(op1), ops.index(op2)))
+        features[4 + a] += 1 / (2 * len(cell))
+        features[4 + b] += 1 / (2 * len(cell))
+        features[4 + n + a * (2 * n - a + 1) // 2 + b - a] += 1 / len(cell)  # pair (a, b), a <= b, in row order
+    features[:4] = [1 - len(from_cells) / reads, sum(from_cells) / len(from_cells), 1 / len(cell),
+                    max(depth) / len(cell)]
+    return torch.tensor(features)
 
 
 class Predictor:

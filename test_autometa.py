@@ -285,7 +285,12 @@ def test_search_space_counts_and_canonical_dedup():
     a, b = ((1, "conv_3x3", 0, "identity"),), ((0, "identity", 1, "conv_3x3"),)
     assert pnas.canonical(a) == pnas.canonical(b) and pnas.cell_key(a) == pnas.cell_key(b)
     assert torch.equal(pnas.encode(a, ops), pnas.encode(b, ops))
-    assert pnas.encode(a, ops).shape == pnas.encode(cells.AUTOMETA_CELL, ops).shape == (3 + 8,)
+    assert pnas.encode(a, ops).shape == pnas.encode(cells.AUTOMETA_CELL, ops).shape == (4 + 8 + 8 * 9 // 2,)
+    # one bag of ops in other pairs is another cell to the predictor
+    x, y = (1, "conv_3x3", 1, "identity"), (1, "max_pool_3x3", 1, "sep_conv_3x3")
+    z, w = (1, "conv_3x3", 1, "max_pool_3x3"), (1, "identity", 1, "sep_conv_3x3")
+    assert torch.equal(pnas.encode((x, y), ops), pnas.encode((y, x), ops))
+    assert not torch.equal(pnas.encode((x, y), ops), pnas.encode((z, w), ops))
 
 
 def test_cell_json_round_trip_and_validation(tmp_path):
@@ -421,6 +426,32 @@ def test_predictor_fit_on_one_block_cells_ranks_their_deeper_children():
                  for s in (0, 1)]
     assert min(pnas.spearman(p, truth) for p in predicted) >= 0.9
     assert pnas.spearman(*predicted) >= 0.9  # two predictor seeds rank them alike
+
+
+# a seeded value for each unordered pair of ops, "none" included: a score that no sum over ops can give
+PAIR_VALUE = {pair: value for pair, value in zip(itertools.combinations_with_replacement(sorted(cells.OPS), 2),
+                                                 np.random.default_rng(23).uniform(0.2, 0.8, 36))}
+
+
+def pair_score(cell):
+    """The mean over blocks of its op pair's value, plus 0.01 for each of its halves reading a block's output."""
+    def block(in1, op1, in2, op2):
+        reads_a_block = sum(i > 1 for i, op in ((in1, op1), (in2, op2)) if op != "none")
+        return PAIR_VALUE[tuple(sorted((op1, op2)))] + 0.01 * reads_a_block
+    return float(np.mean([block(*b) for b in cell]))
+
+
+def test_predictor_fit_on_one_block_cells_ranks_children_by_the_op_pairs_of_their_blocks():
+    ops = list(cells.OPS)
+    level1 = pnas.expand((), ops)
+    parents = sorted(level1, key=lambda c: (-pair_score(c), c))[:5]
+    unseen = sorted({c for p in parents for c in pnas.expand(p, ops)})
+    truth = np.array([pair_score(c) for c in unseen])
+    best = set(np.argsort(-truth, kind="stable")[:len(unseen) // 5])  # the top 20% of the children
+    for seed in (0, 1):
+        predicted = pnas.Predictor(ops, seed=seed).fit(level1, [pair_score(c) for c in level1]).predict(unseen)
+        assert pnas.spearman(predicted, truth) >= 0.8
+        assert set(np.argsort(-predicted, kind="stable")[:5]) <= best
 
 
 def run_fake_search(out, score=None, blocks=3, beam=3, max_first=10, predictor=None, job=None, **kw):
