@@ -939,7 +939,7 @@ TINY = ["--blocks", "2", "--beam", "2", "--max-first", "3", "--meta-iters", "3",
         "--channels", "4", "--probe", "1", "--noise", "1", "--rescore", "2", "--rescore-seeds", "1"]
 
 
-def test_tiny_search_end_to_end_writes_a_valid_log_and_resumes_without_retraining(tmp_path):
+def test_tiny_search_end_to_end_writes_a_valid_log_and_resumes_without_retraining(tmp_path, capsys):
     out, budget = str(tmp_path / "run"), ["--max-params", "700"]
     count = functools.partial(cells.parameter_count, n_way=5, image_size=28, channels=4)
     sampled = [c for c in pnas.first_level(cells.OPS, 3, seed=0) if count(c) <= 700]
@@ -973,8 +973,10 @@ def test_tiny_search_end_to_end_writes_a_valid_log_and_resumes_without_retrainin
                               f"conv4 in this space re-scored {100 * conv4['accuracy']:.2f}% on the same episodes")
     report_md = open(os.path.join(out, "report.md")).read()
     assert "re-scored" in report_md and f"conv4 in this space: {100 * log[[r['role'] for r in log].index('baseline')]['accuracy']:.2f}%" in report_md
-    again = cli("--search", "--out", out, *TINY, *budget)
-    assert again.returncode == 0 and again.stdout.count("logged") == n1 + 3
+    capsys.readouterr()
+    with one_thread():  # the same command resumed, here rather than in another process
+        assert autometa.main(["--search", "--out", out, *TINY, *budget]) == 0
+    assert capsys.readouterr().out.count("logged") == n1 + 3
     assert read_lines(os.path.join(out, "search.jsonl")) == log
 
 
@@ -990,14 +992,15 @@ def test_candidate_scores_do_not_depend_on_search_order():
     assert score(((0, "identity", 1, "conv_3x3"),)) == first  # the same cell, halves swapped
 
 
-def test_inspect_prints_one_line_per_split(tmp_path):
+def test_inspect_prints_one_line_per_split(tmp_path, capsys):
     result = cli("--inspect")
     assert result.returncode == 0
     assert result.stdout.splitlines() == ["train: 64 classes, 1280 images, 28x28",
                                           "val: 16 classes, 320 images, 28x28", "test: 20 classes, 400 images, 28x28"]
     root = make_csv_folder(tmp_path / "mini", np.random.default_rng(0))
-    result = cli("--inspect", "--data", str(root), "--image-size", "16", "--cache-dir", str(tmp_path / "c"))
-    assert result.stdout.splitlines()[0] == "train: 3 classes, 13 images, 16x16"
+    capsys.readouterr()
+    assert autometa.main(["--inspect", "--data", str(root), "--image-size", "16", "--cache-dir", str(tmp_path / "c")]) == 0
+    assert capsys.readouterr().out.splitlines()[0] == "train: 3 classes, 13 images, 16x16"
 
 
 def test_synthetic_data_is_learnable_by_maml():
@@ -1023,26 +1026,28 @@ def test_synthetic_data_is_learnable_by_maml():
     (["--search", "--device", "cuda:0"] if not torch.cuda.is_available() else ["--search", "--device", "tpu"], "--device"),
     (["--search", "--inner-lr", "0"], "--inner-lr"),
 ])
-def test_bad_input_exits_2_with_one_sentence(tmp_path, args, words):
-    result = cli(*args, "--out", str(tmp_path / "out"))
-    assert result.returncode == 2, result.stderr
-    assert words in result.stderr and "Traceback" not in result.stderr
-    assert len(result.stderr.strip().splitlines()) == 1
+def test_bad_input_exits_2_with_one_sentence(tmp_path, capsys, args, words):
+    with one_thread():  # here, not in a subprocess: a search sets the thread count before it reads its data
+        assert autometa.main([*args, "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert words in err and err.startswith("autometa: error: ") and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "out" / "search.jsonl").exists()
 
 
-def test_unknown_layout_and_changed_config_exit_2_and_keep_the_log(tmp_path):
+def test_unknown_layout_and_changed_config_exit_2_and_keep_the_log(tmp_path, capsys, one_worker):
     (tmp_path / "junk").mkdir()
     (tmp_path / "junk" / "notes.txt").write_text("hello")
-    result = cli("--search", "--data", str(tmp_path / "junk"), "--out", str(tmp_path / "o1"))
-    assert result.returncode == 2 and "layout" in result.stderr
-    out = str(tmp_path / "run")
-    assert cli("--search", "--out", out, *TINY).returncode == 0
-    before = open(os.path.join(out, "search.jsonl")).read()
-    result = cli("--search", "--out", out, *TINY, "--channels", "6")
-    assert result.returncode == 2 and "channels" in result.stderr and "--out" in result.stderr
-    assert open(os.path.join(out, "search.jsonl")).read() == before
-    result = cli("--train", "conv4", "--out", out)
-    assert result.returncode == 2 and "another kind" in result.stderr
+    out = tmp_path / "run"
+    shutil.copytree(one_worker, out)  # a finished tiny search
+    before = {name: (out / name).read_bytes() for name in ("search.jsonl", "config.json", "best.json")}
+    for args, words in [(["--search", "--data", str(tmp_path / "junk"), "--out", str(tmp_path / "o1")], "layout"),
+                        (["--search", "--out", str(out), *TINY, "--channels", "6"], "different settings (channels)"),
+                        (["--train", "conv4", "--out", str(out)], "another kind")]:
+        with one_thread():
+            assert autometa.main(args) == 2
+        err = capsys.readouterr().err
+        assert words in err and len(err.strip().splitlines()) == 1, err
+    assert {name: (out / name).read_bytes() for name in before} == before
 
 
 def test_results_of_the_old_network_around_the_cell_are_refused_not_mixed(tmp_path, capsys):
@@ -1107,7 +1112,8 @@ def test_resumed_training_equals_uninterrupted_training(tmp_path, capsys):
 
 def test_eval_is_deterministic_and_needs_only_the_checkpoint(tmp_path):
     out = str(tmp_path / "run")
-    assert cli("--train", "conv4", "--out", out, "--train-iters", "3", *TRAIN).returncode == 0
+    with one_thread():
+        assert autometa.main(["--train", "conv4", "--out", out, "--train-iters", "3", *TRAIN]) == 0
     state = torch.load(os.path.join(out, "best.pt"), weights_only=True)
     assert {"model", "optimizer", "iteration", "config", "arch", "history"} <= set(state)
     with Image.open(os.path.join(out, "train.png")) as image:
@@ -1120,9 +1126,10 @@ def test_eval_is_deterministic_and_needs_only_the_checkpoint(tmp_path):
     assert first.stdout.splitlines()[1].startswith("test accuracy: ") and "(95% CI, 6 episodes)" in first.stdout
 
 
-def test_train_on_several_seeds_and_eval_their_folder(tmp_path):
+def test_train_on_several_seeds_and_eval_their_folder(tmp_path, capsys):
     out = str(tmp_path / "seeds")
-    assert cli("--train", "conv4", "--out", out, "--seeds", "0,1", "--train-iters", "3", *TRAIN).returncode == 0
+    with one_thread():
+        assert autometa.main(["--train", "conv4", "--out", out, "--seeds", "0,1", "--train-iters", "3", *TRAIN]) == 0
     a, b = (torch.load(os.path.join(out, f"seed-{s}", "best.pt"), weights_only=True) for s in (0, 1))
     assert a["config"]["seed"] == b["config"]["seed"] == 0  # the data and the episodes stay --seed's
     assert not torch.equal(a["model"]["stem.0.weight"], b["model"]["stem.0.weight"])  # the training seed differs
@@ -1131,24 +1138,28 @@ def test_train_on_several_seeds_and_eval_their_folder(tmp_path):
     lines = [line for line in result.stdout.splitlines() if ": testing " not in line]
     assert lines[0].startswith("seed 0: test accuracy: ") and lines[1].startswith("seed 1: test accuracy: ")
     assert lines[2].startswith("mean over 2 seeds: ") and "std across seeds" in lines[2]
-    single = cli("--eval", os.path.join(out, "seed-1", "best.pt"), cwd=str(tmp_path))
-    assert single.stdout.split("test accuracy: ")[1] == lines[1].split("test accuracy: ")[1] + "\n"
-    bad = cli("--train", "conv4", "--out", str(tmp_path / "bad"), "--seeds", "0,x")
-    assert bad.returncode == 2 and "--seeds" in bad.stderr and "Traceback" not in bad.stderr
+    capsys.readouterr()
+    with one_thread():  # here, on one thread as the command above
+        assert autometa.main(["--eval", os.path.join(out, "seed-1", "best.pt")]) == 0
+    assert capsys.readouterr().out.split("test accuracy: ")[1] == lines[1].split("test accuracy: ")[1] + "\n"
+    assert autometa.main(["--train", "conv4", "--out", str(tmp_path / "bad"), "--seeds", "0,x"]) == 2
+    err = capsys.readouterr().err
+    assert "--seeds" in err and len(err.strip().splitlines()) == 1 and not (tmp_path / "bad" / "seed-0").exists()
 
 
-def test_missing_or_corrupt_checkpoint_exits_2(tmp_path):
-    result = cli("--eval", str(tmp_path / "nothing.pt"))
-    assert result.returncode == 2 and "does not exist" in result.stderr and "Traceback" not in result.stderr
+def test_missing_or_corrupt_checkpoint_exits_2(tmp_path, capsys):
+    result = cli("--eval", str(tmp_path / "nothing.pt"))  # once as a user would, in a process of its own
+    assert result.returncode == 2 and "does not exist" in result.stderr and len(result.stderr.splitlines()) == 1
     (tmp_path / "bad.pt").write_bytes(b"\x80\x04 not a checkpoint")
-    result = cli("--eval", str(tmp_path / "bad.pt"))
-    assert result.returncode == 2 and "cannot be read" in result.stderr and "Traceback" not in result.stderr
     torch.save({"weights": 1}, tmp_path / "other.pt")
-    result = cli("--eval", str(tmp_path / "other.pt"))
-    assert result.returncode == 2 and "not an autometa checkpoint" in result.stderr
     (tmp_path / "cell.json").write_text('[[0, "conv_3x3", 7, "identity"]]')
-    result = cli("--train", str(tmp_path / "cell.json"), "--out", str(tmp_path / "t"))
-    assert result.returncode == 2 and "input 7" in result.stderr and "Traceback" not in result.stderr
+    for args, words in [(["--eval", str(tmp_path / "bad.pt")], "cannot be read"),
+                        (["--eval", str(tmp_path / "other.pt")], "not an autometa checkpoint"),
+                        (["--train", str(tmp_path / "cell.json"), "--out", str(tmp_path / "t")], "input 7")]:
+        assert autometa.main(args) == 2
+        err = capsys.readouterr().err
+        assert words in err and len(err.strip().splitlines()) == 1, err
+    assert (tmp_path / "bad.pt").read_bytes() == b"\x80\x04 not a checkpoint" and not (tmp_path / "t").exists()
 
 
 # ---------------------------------------------------------------------------- reliability
@@ -1203,30 +1214,6 @@ def test_out_that_is_a_file_and_malformed_cell_json_exit_2(tmp_path, capsys):
     assert "not valid JSON" in capsys.readouterr().err
 
 
-def test_killed_search_resumes_to_the_same_log_and_best_cell(tmp_path):
-    """SIGKILL a real search mid-run, rerun it, and compare with an uninterrupted run."""
-    args = ["--search", *TINY, "--blocks", "3"]
-    whole = cli(*args, "--out", str(tmp_path / "whole"))
-    assert whole.returncode == 0, whole.stderr
-    out = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, os.path.join(HERE, "autometa.py"), *args, "--out", str(out)],
-                            cwd=HERE, env=child_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    log = out / "search.jsonl"
-    deadline = time.time() + 240
-    while time.time() < deadline and (not log.exists() or log.read_text().count("\n") < 2):
-        time.sleep(0.05)
-    proc.kill()
-    proc.wait()
-    assert 2 <= log.read_text().count("\n") < 7, "the kill came too late to test a resume"
-    assert cli(*args, "--out", str(out)).returncode == 0
-
-    def scores(path):
-        return sorted((json.dumps(r["cell"]), r["accuracy"], r["status"]) for r in read_lines(path))
-    assert scores(log) == scores(tmp_path / "whole" / "search.jsonl")  # none lost, none duplicated, same scores
-    assert json.loads((out / "best.json").read_text())["cell"] == \
-        json.loads((tmp_path / "whole" / "best.json").read_text())["cell"]
-
-
 def start(args, **kw):
     """Start `args` (a command line after python) as a user would, with stdout (unbuffered) and stderr kept."""
     return subprocess.Popen([sys.executable, *args], cwd=HERE, env=child_env(PYTHONUNBUFFERED="1"),
@@ -1279,7 +1266,8 @@ def test_a_stopped_search_says_so_in_one_line_leaves_no_process_and_resumes_to_t
         assert proc.returncode == status and err.strip().splitlines() == ours, err
     assert "autometa.py" not in err and "team.py" not in err  # torchrun tells its own story, no traceback of ours
     assert left_behind(out) == []
-    assert cli("--search", "--out", str(out), *TINY, "--workers", "1").returncode == 0
+    with one_thread():  # the same command, here (a subprocess would only add torch's import)
+        assert autometa.main(["--search", "--out", str(out), *TINY, "--workers", "1"]) == 0
     assert_same_search(out, one_worker)
 
 
@@ -1884,14 +1872,14 @@ def test_tiny_search_under_torchrun_matches_one_process(tmp_path, one_worker):
     shared = torchrun("autometa.py", "--search", "--out", str(tmp_path / "two"), *TINY, timeout=300)
     assert shared.returncode == 0, shared.stderr
     assert_same_search(tmp_path / "two", one_worker)
-    assert "shared among 2 processes (torchrun)" in shared.stdout and shared.stdout.count("[level") == 6
+    assert "shared among 2 processes (torchrun)" in shared.stdout and shared.stdout.count("[level") == 4 + 3
 
 
 def test_tiny_search_with_two_workers_matches_one_worker(tmp_path, one_worker):
     shared = cli("--search", "--out", str(tmp_path / "two"), *TINY, "--workers", "2")
     assert shared.returncode == 0, shared.stderr
     assert_same_search(tmp_path / "two", one_worker)
-    assert "shared among 2 processes (--workers)" in shared.stdout and shared.stdout.count("[level") == 6
+    assert "shared among 2 processes (--workers)" in shared.stdout and shared.stdout.count("[level") == 4 + 3
     refused = torchrun("autometa.py", "--search", "--out", str(tmp_path / "three"), *TINY, "--workers", "2")
     assert refused.returncode != 0 and "--workers 2 under torchrun" in refused.stderr
 
@@ -2307,7 +2295,7 @@ def test_speedups_batch_evaluation_of_small_networks_on_a_cpu_and_fall_back_wher
 
 
 def test_bench_runs_end_to_end_on_a_tiny_setting():
-    result = cli("--bench", "--image-size", "16", "--queries", "1", "--meta-batch", "1", "--channels", "16",
+    result = cli("--bench", "--image-size", "16", "--queries", "1", "--meta-batch", "1", "--channels", "8",
                  "--reductions", "1", "--eval-episodes", "4", "--meta-iters", "3")
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
@@ -2334,7 +2322,7 @@ def test_bench_runs_end_to_end_on_a_tiny_setting():
 
 
 def test_bench_of_one_workload_times_only_that_one():
-    result = cli("--bench", "conv4", "--image-size", "16", "--queries", "1", "--meta-batch", "1")
+    result = cli("--bench", "conv4", "--image-size", "16", "--queries", "1", "--meta-batch", "1", "--channels", "4")
     assert result.returncode == 0, result.stderr
     assert "conv4, second order" in result.stdout and "autometa cell" not in result.stdout
     assert "search candidate" not in result.stdout

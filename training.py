@@ -5,6 +5,7 @@ import io
 import json
 import os
 import time
+import warnings
 
 import torch
 
@@ -32,7 +33,9 @@ def load_checkpoint(path):
         raise ConfigError(not_a_checkpoint(path) or f"checkpoint {path} does not exist: pass a best.pt or last.pt "
                           "written by --train")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # a damaged file can warn before it fails: the sentence below says it all
+            warnings.simplefilter("ignore")
+            state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch.load raises many types for a damaged file
         raise ConfigError(not_a_checkpoint(path) or f"checkpoint {path} cannot be read ({type(e).__name__}): it "
                           "is damaged or not a torch file; use another checkpoint or retrain with --train") from e
