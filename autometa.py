@@ -145,10 +145,11 @@ def check_networks(cfg, log):
     """Refuse a log whose cells were scored as other networks (an older skeleton, another width): a cell's
     logged parameter count must be its count here."""
     for r in log.records.values():
-        if r.get("params") is not None and r["params"] != parameters(cfg, pnas.as_cell(r["cell"])):
+        here = parameters(cfg, pnas.as_cell(r["cell"]))
+        if r.get("params") is not None and r["params"] != here:
             raise ConfigError(f"{log.path} holds cell {json.dumps(r['cell'])} scored as a network of {r['params']:,} "
-                              f"parameters, which has {parameters(cfg, pnas.as_cell(r['cell'])):,} here: it was "
-                              "written by an older autometa or with other network settings; pass a new --out")
+                              f"parameters, which has {here:,} here: it was written by an older autometa or with "
+                              "other network settings; pass a new --out")
 
 
 def against_baseline(best, baseline):
@@ -159,10 +160,9 @@ def against_baseline(best, baseline):
     if pnas.cell_key(best["cell"]) == pnas.cell_key(conv4["cell"]):
         return (f"the best cell is conv4 itself ({100 * conv4['rescore']['accuracy']:.2f}% re-scored): no searched cell "
                 "beat it")
-    gap = 100 * (best["rescore"]["accuracy"] - conv4["rescore"]["accuracy"])
-    verdict = f"beat it by {gap:.2f} points" if gap > 0 else f"did not beat it ({-gap:.2f} points below)"
     return (f"conv4 in this space re-scored {100 * conv4['rescore']['accuracy']:.2f}% on the same episodes "
-            f"({conv4['params']:,} parameters): the best cell {verdict}")
+            f"({conv4['params']:,} parameters): the best cell "
+            f"{report.against_conv4(best['rescore']['accuracy'], conv4['rescore']['accuracy'])}")
 
 
 def check_best(cfg, log, score, measured):

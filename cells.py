@@ -135,9 +135,14 @@ def arch_name(arch):
     return json.dumps([list(block) for block in arch])
 
 
+def read_inputs(cell):
+    """The input numbers the cell's halves read (a "none" half reads nothing)."""
+    return {i for in1, op1, in2, op2 in cell for i, op in ((in1, op1), (in2, op2)) if op != "none"}
+
+
 def loose_ends(cell):
     """Input numbers (2 + i) of the blocks no other block reads: their outputs, concatenated, are the cell's."""
-    read = {i for in1, op1, in2, op2 in cell for i, op in ((in1, op1), (in2, op2)) if op != "none"}
+    read = read_inputs(cell)
     return [b + 2 for b in range(len(cell)) if b + 2 not in read]
 
 
@@ -157,7 +162,7 @@ class Cell(nn.Module):
         self.cell = cell
         # each block's real halves (input, op): a "none" half reads nothing and has no weights
         self.halves = [[(i, op) for i, op in ((in1, op1), (in2, op2)) if op != "none"] for in1, op1, in2, op2 in cell]
-        read = {i for halves in self.halves for i, _ in halves}
+        read = read_inputs(cell)
         # Only inputs the cell reads get a projection, so no parameter is left unused.
         self.pre0 = project(C_prev_prev, C) if 0 in read else None
         self.pre1 = project(C_prev, C) if 1 in read else None
@@ -219,7 +224,7 @@ def build_network(cell, n_way, image_size, channels=32, cells=1, reductions=2):
 def parameter_count(cell, n_way, image_size, channels=32, cells=1, reductions=2, in_channels=3):
     """count_parameters(build_network(...)) without building the network: a search counts thousands of children."""
     C = channels
-    reads = {i for in1, op1, in2, op2 in cell for i, op in ((in1, op1), (in2, op2)) if op != "none"}
+    reads = read_inputs(cell)
     ops = sum(op_parameters(op, C) for block in cell for op in block[1::2] if op != "none")
     out = len(loose_ends(cell)) * C
 

@@ -264,10 +264,14 @@ def baseline_lines(conv4, best, rescored):
     if cell_key(best["cell"]) == cell_key(conv4["cell"]):
         line += ". The best cell is conv4 itself: no searched cell beat it."
     elif again is not None and best_again is not None:
-        gap = 100 * (best_again - again)
-        line += (f". The best cell, re-scored on the same episodes, "
-                 + (f"beats it by {gap:.2f} points." if gap > 0 else f"does not beat it ({-gap:.2f} points below)."))
+        line += f". The best cell, re-scored on the same episodes, {against_conv4(best_again, again)}."
     return [line, ""]
+
+
+def against_conv4(best, conv4):
+    """The verdict of report.md and of the search's final message, from two re-scored accuracies."""
+    gap = 100 * (best - conv4)
+    return f"beat it by {gap:.2f} points" if gap > 0 else f"did not beat it ({-gap:.2f} points below)"
 
 
 def levels_table(records, levels, noise):
