@@ -74,6 +74,7 @@ BUILTIN = {"conv4": CONV4_CELL, "autometa": AUTOMETA_CELL}
 # The version of the network around a cell, recorded in config.json, best.json and checkpoints. Version 1
 # (a stride-2 stem, ReLU-1x1-conv inputs, stride-2 reduction cells) gave the same cell another network.
 SKELETON = 2
+OLD_SKELETON = "the old network around its cells (stride-2 stem, reduction cells)"  # how refusals name version 1
 
 
 # ---------------------------------------------------------------------------- reading architectures
@@ -123,9 +124,8 @@ def load_arch(text):
         if "cell" not in data:
             raise CellError(f"{text} has no \"cell\" entry: pass a JSON list of blocks or a search's best.json")
         if "config" in data and data.get("skeleton") != SKELETON:
-            raise CellError(f"{text} was written by a search in the old network around its cells (stride-2 stem, "
-                            "reduction cells), where its cell meant another network: search again, or pass the "
-                            "cell as an inline JSON list to train it in this network")
+            raise CellError(f"{text} was written by a search in {OLD_SKELETON}, where its cell meant another "
+                            "network: search again, or pass the cell as an inline JSON list to train it in this network")
         data = data["cell"]
     return parse_cell(data)
 

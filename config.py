@@ -93,9 +93,8 @@ def make_config(flags, preset=None, base=None):
     """Config from `base` (a checkpoint's settings) or the preset (default tiny), then the flags given, checked."""
     values = dict(base if base is not None else PRESETS[preset or "tiny"])
     if base is not None and values.pop("skeleton", None) != cells.SKELETON:
-        raise ConfigError("this checkpoint was written for the old network around its cell (stride-2 stem, "
-                          "reduction cells), which this version no longer builds: train the architecture again with "
-                          "--train")
+        raise ConfigError(f"this checkpoint was written for {cells.OLD_SKELETON}, which this version no longer "
+                          "builds: train the architecture again with --train")
     if base is not None and preset:
         values.update(PRESETS[preset])
     values.update({k: v for k, v in flags.items() if k in Config.__dataclass_fields__ and v is not None})
@@ -168,8 +167,8 @@ def check_resume(cfg, kind="search"):
     if saved.pop("run", kind) != kind:
         raise ConfigError(f"{cfg.out} holds a run of another kind than --{kind}: pass a new --out")
     if saved.get("skeleton") != cells.SKELETON:
-        raise ConfigError(f"{cfg.out} holds a {kind} run of the old network around its cells (stride-2 stem, reduction "
-                          "cells), whose results mean other networks in this version: pass a new --out")
+        raise ConfigError(f"{cfg.out} holds a {kind} run of {cells.OLD_SKELETON}, whose results mean other networks "
+                          "in this version: pass a new --out")
     changed = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
     if changed and not set(changed) & set(saved):
         raise ConfigError(f"{cfg.out} was written by an earlier autometa, which had no {', '.join(changed)} "
