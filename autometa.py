@@ -32,19 +32,14 @@ import time
 
 import torch
 
-import bench
 import cells
 import data
-import drawing
-import fastcpu
 import pnas
-import report
-import team
-import training
-from config import (PRESETS, Config, ConfigError, check_resume, config_dict, default_workers, field_help, make_config,
-                    pick_device, train_out)
+from config import (BENCH_WORKLOADS, PRESETS, Config, ConfigError, check_resume, config_dict, default_workers,
+                    make_config, pick_device, train_out)
 from files import FolderError, hold, write_json, writing
-from scoring import make_scorer, parameters, within_budget
+
+# Each command imports the rest of what it runs (report, team, training, bench, ...) when it starts.
 
 
 def make_parser():
@@ -57,13 +52,12 @@ def make_parser():
                       "JSON cell, a JSON cell file or a search's best.json")
     mode.add_argument("--eval", metavar="CHECKPOINT", help="test a --train checkpoint on fixed test episodes")
     mode.add_argument("--draw", metavar="ARCH", help="draw a cell (same forms as --train) to the PNG file --out")
-    mode.add_argument("--bench", nargs="?", const="all", choices=bench.WORKLOADS,
+    mode.add_argument("--bench", nargs="?", const="all", choices=BENCH_WORKLOADS,
                       help="time the meta-step with and without the speed-ups (conv4, cell), candidates per minute "
                       "(search), the loop against batched where only launches count (overhead), or all (default)")
     p.add_argument("--preset", choices=sorted(PRESETS), default=None, help="settings to start from (default: tiny)")
-    helps = field_help()
     for f in dataclasses.fields(Config):
-        text = flag_help(f, helps[f.name])
+        text = flag_help(f)
         if f.name == "first_order":
             p.add_argument("--first-order", dest="first_order", action="store_true", default=None, help=text)
             p.add_argument("--second-order", dest="first_order", action="store_false", help="keep them")
@@ -73,12 +67,12 @@ def make_parser():
     return p
 
 
-def flag_help(f, text):
+def flag_help(f):
     """A Config field's help line with its default, and the paper preset's value where that differs."""
     def shown(value):
         return ",".join(value) if isinstance(value, tuple) else repr(value) if value == "" else str(value)
 
-    text = f"{text} (default: {shown(f.default)}"
+    text = f"{f.metadata['help']} (default: {shown(f.default)}"
     if PRESETS["paper"].get(f.name, f.default) != f.default:
         text += f"; --preset paper: {shown(PRESETS['paper'][f.name])}"
     return (text + ")").replace("%", "%%")
@@ -87,6 +81,8 @@ def flag_help(f, text):
 def run_search(cfg):
     """The --search command: in this process, in the `--workers` processes it starts, or shared among the
     processes of a torchrun job."""
+    import team
+
     if team.in_a_team():
         if cfg.workers > 1:
             raise ConfigError(f"--workers {cfg.workers} under torchrun: torchrun starts the processes here, so drop "
@@ -107,6 +103,9 @@ def search(cfg, device, job=None):
 
 def search_here(cfg, device, job):
     """The search itself, with --out held: levels, noise floor, re-scores, best.json and the report."""
+    import report
+    from scoring import make_scorer, within_budget
+
     check_resume(cfg)
     splits = data.splits_for(cfg, ("train", "val"))
     if job is not None:
@@ -117,26 +116,27 @@ def search_here(cfg, device, job):
           f"per candidate, device {device}")
     start, first = time.time(), pnas.first_level(cfg.ops, cfg.max_first, cfg.seed)
     baseline = (cells.CONV4_CELL,)  # MAML's conv4 is a cell of this space: every search scores it
-    total = (len(set(first) | set(baseline)) + (cfg.beam + cfg.probe) * (cfg.blocks - 1) + cfg.noise
-             + (cfg.rescore + 1) * cfg.rescore_seeds)
-    log = pnas.SearchLog(os.path.join(cfg.out, "search.jsonl"), cfg.blocks, total,
-                         score_cells=pnas.score_each if job is None else job.score_all,
-                         workers=1 if job is None else job.size,
-                         on_level=lambda b, records: report.write_report(cfg.out, records, config_dict(cfg)))
+    log = pnas.SearchLog(os.path.join(cfg.out, "search.jsonl"))
     check_networks(cfg, log)
     score = make_scorer(cfg, splits, device)
+    # how the candidates are scored: here one after another, or shared among the team's processes
+    shared = dict(score_cells=pnas.score_each if job is None else job.score_all,
+                  progress=pnas.Progress(cfg.blocks, cfg.beam + cfg.probe, cfg.noise + (cfg.rescore + 1) * cfg.rescore_seeds,
+                                         workers=1 if job is None else job.size))
     ops = tuple(dict.fromkeys(cfg.ops + tuple(op for block in baseline for op in block[1::2])))  # the predictor's
     measured = pnas.search(score, log, cfg.blocks, cfg.beam, cfg.ops, first, pnas.Predictor(ops, seed=cfg.seed),
-                           cfg.probe, cfg.sampler, cfg.seed, baseline, within_budget(cfg))
-    best = check_best(cfg, log, score, measured)  # the re-scores are shared among the processes too
+                           cfg.probe, cfg.sampler, cfg.seed, baseline, within_budget(cfg), **shared,
+                           on_level=lambda b, records: report.write_report(cfg.out, records, config_dict(cfg)))
+    best = check_best(cfg, log, score, measured, shared)
     if job is not None:
         job.dismiss()
-    report.write_report(cfg.out, list(log.records.values()), config_dict(cfg))
+    records = list(log.records.values())
+    report.write_report(cfg.out, records, config_dict(cfg))
     print(f"best cell: {json.dumps(best['cell'])}")
     print(f"validation accuracy {100 * best['accuracy']:.2f}% ± {100 * best['ci95']:.2f}% in the search; re-scored "
           f"on fresh episodes with new seeds {100 * best['rescore']['accuracy']:.2f}% "
           f"± {100 * best['rescore']['ci95']:.2f}% (chance {100 / cfg.ways:.0f}%), {best['params']:,} parameters")
-    print(against_baseline(best, [r for r in measured if r.get("role") == "baseline"]))
+    print(report.against_baseline(best, records))
     print(f"results in {cfg.out}/: search.jsonl (every candidate), best.json (use with --train), "
           f"report.md with report.png and best_cell.png; {time.time() - start:.0f} s")
 
@@ -144,35 +144,24 @@ def search_here(cfg, device, job):
 def check_networks(cfg, log):
     """Refuse a log whose cells were scored as other networks (an older skeleton, another width): a cell's
     logged parameter count must be its count here."""
+    from scoring import parameters
+
     for r in log.records.values():
-        here = parameters(cfg, pnas.as_cell(r["cell"]))
+        here = parameters(cfg, r["cell"])
         if r.get("params") is not None and r["params"] != here:
             raise ConfigError(f"{log.path} holds cell {json.dumps(r['cell'])} scored as a network of {r['params']:,} "
                               f"parameters, which has {here:,} here: it was written by an older autometa or with "
                               "other network settings; pass a new --out")
 
 
-def against_baseline(best, baseline):
-    """The final message's verdict: did the best cell beat conv4, both re-scored on the same fresh episodes?"""
-    if not baseline:
-        return "conv4 in this space failed to train, so the best cell is compared with nothing"
-    conv4 = baseline[0]
-    if pnas.cell_key(best["cell"]) == pnas.cell_key(conv4["cell"]):
-        return (f"the best cell is conv4 itself ({100 * conv4['rescore']['accuracy']:.2f}% re-scored): no searched cell "
-                "beat it")
-    return (f"conv4 in this space re-scored {100 * conv4['rescore']['accuracy']:.2f}% on the same episodes "
-            f"({conv4['params']:,} parameters): the best cell "
-            f"{report.against_conv4(best['rescore']['accuracy'], conv4['rescore']['accuracy'])}")
-
-
-def check_best(cfg, log, score, measured):
+def check_best(cfg, log, score, measured, shared):
     """The noise floor and the de-biased best (pnas.measure_noise, pnas.debiased_best); writes best.json."""
-    noise = pnas.measure_noise(log, score, measured, cfg.noise)
+    noise = pnas.measure_noise(log, score, measured, cfg.noise, **shared)
     if noise is not None:
         spread = statistics.pstdev(r["accuracy"] for r in measured if r["level"] == 1)
         print(f"seed noise: a score moves by {100 * noise:.2f} points (std) with the training seed; level-1 scores "
               f"spread by {100 * spread:.2f}")
-    best = pnas.debiased_best(log, score, measured, cfg.rescore, cfg.rescore_seeds)
+    best = pnas.debiased_best(log, score, measured, cfg.rescore, cfg.rescore_seeds, **shared)
     write_json(os.path.join(cfg.out, "best.json"), {"cell": best["cell"], "accuracy": best["accuracy"],
                                                     "ci95": best["ci95"], "rescore": best["rescore"],
                                                     "params": best["params"], "skeleton": cells.SKELETON,
@@ -182,7 +171,9 @@ def check_best(cfg, log, score, measured):
 
 def run_train(cfg, arch_text):
     """The --train command, once per seed of --seeds; each run resumes from its last.pt when it exists."""
-    arch = cells.load_arch(arch_text)
+    import training
+
+    arch = pnas.canonical(cells.load_arch(arch_text))  # one network, however its cell is written
     device = pick_device(cfg.device)
     training.parse_seeds(cfg.seeds or "0")  # a bad --seeds fails before any training
     for seed, run in training.seed_runs(cfg):
@@ -200,11 +191,13 @@ def run_train(cfg, arch_text):
 def run_eval(args):
     """The --eval command: the standard protocol on fixed, seeded test episodes, for one checkpoint or
     for every seed of a --seeds folder (then their mean and spread across seeds)."""
+    import training
+
     found = []
     for label, path in training.checkpoints(args.eval):
         state = training.load_checkpoint(path)
         cfg = make_config(flags(args), args.preset, base=state["config"])
-        set_up_process(cfg)
+        set_up_process(cfg, "eval")
         device = pick_device(cfg.device)
         print(f"{label + ': ' if label else ''}testing {path} on {cfg.eval_episodes} test episodes, {cfg.ways}-way "
               f"{cfg.shots}-shot, device {device}", flush=True)
@@ -221,7 +214,7 @@ def run_eval(args):
 
 def run_inspect(cfg):
     """The --inspect command."""
-    for line in data.describe(data.load_splits(cfg.data, cfg.image_size, cfg.cache_dir or None, seed=cfg.seed)):
+    for line in data.describe(data.load_splits(cfg.data, cfg.image_size, data.cache_dir(cfg), seed=cfg.seed)):
         print(line)
 
 
@@ -231,6 +224,8 @@ def run_draw(arch_text, path):
         raise ConfigError("--draw needs --out FILE.png, the file to write the picture to")
     if not path.lower().endswith(".png"):
         raise ConfigError(f"--out {path} is not a .png file: --draw writes a PNG, pass --out FILE.png")
+    import drawing
+
     cell = cells.load_arch(arch_text)
     title = None if arch_text.lstrip().startswith("[") else os.path.basename(arch_text)
     with writing(path, "--out"):
@@ -242,20 +237,35 @@ def run_draw(arch_text, path):
 
 def run_bench(cfg, which):
     """The --bench command: the workloads of docs/speed.md under this config (bench.py)."""
+    import bench
+
     device = pick_device(cfg.device)
     bench.run(cfg, data.splits_for(cfg, ("train", "val")), device, which)
 
 
-def set_up_process(cfg, search=False):
-    """Settings of the whole process, made here rather than in modules people copy. CPU threads: a score
-    depends on them, so a search fixes them (one per candidate unless --threads says otherwise). On CUDA,
-    deterministic convolutions and matrix products, so that a seed gives the same log (docs/speed.md)."""
-    if search and not cfg.threads:
+def set_up_process(cfg, command):
+    """Settings of the whole process, made here rather than in modules people copy, and only for the
+    commands they were measured to help (docs/speed.md). CPU threads: a score depends on them, so a
+    search fixes them (one per candidate unless --threads says otherwise). The allocator that keeps freed
+    memory (fastcpu.reuse_freed_memory) for the commands that meta-train; --bench times with and without
+    it. On CUDA, deterministic convolutions and matrix products, so that a seed gives the same log."""
+    if command == "search" and not cfg.threads:
         cfg.threads = 1
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # read when CUDA's first matrix product runs
-    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+    if command in ("search", "train"):
+        import fastcpu
+
+        fastcpu.reuse_freed_memory()
+    if command in ("search", "train", "eval", "bench"):
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # read when CUDA's first matrix product runs
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+
+
+def command(args):
+    """The command `args` names: 'search', 'inspect', 'train', 'eval', 'draw' or 'bench'."""
+    return next(name for name in ("search", "inspect", "train", "eval", "draw", "bench")
+                if getattr(args, name) not in (None, False))
 
 
 def flags(args):
@@ -268,7 +278,7 @@ def run(args):
     if args.eval is not None:
         return run_eval(args)
     cfg = make_config(flags(args), args.preset)
-    set_up_process(cfg, search=args.search)
+    set_up_process(cfg, command(args))
     try:
         if args.search:
             run_search(cfg)
@@ -296,8 +306,6 @@ def main(argv=None):
     """Parse flags, run one command; bad input exits 2 with one sentence, a stop signal ends in one line
     with 128 + its number (stops.py)."""
     args = make_parser().parse_args(argv)
-    if args.bench is None:  # --bench times the loops with and without it
-        fastcpu.reuse_freed_memory()
     with stops.signals_raise():
         try:
             return run(args)

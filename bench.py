@@ -40,7 +40,6 @@ import team
 from config import default_workers
 from scoring import build_model, make_scorer
 
-WORKLOADS = ("all", "conv4", "cell", "search", "overhead")
 METHODS = ("ours", "loop")
 REPEATS = 5  # timed meta-steps per method, workload and allocator (after one warm-up step); medians are reported
 CANDIDATE_ITERS, CANDIDATE_EPISODES = 10, 20  # the timed search candidate; the full one is extrapolated

@@ -80,8 +80,8 @@ OLD_SKELETON = "the old network around its cells (stride-2 stem, reduction cells
 # ---------------------------------------------------------------------------- reading architectures
 
 def parse_cell(blocks, ops=tuple(OPS)):
-    """Validate JSON data as a cell and return it as a tuple of blocks."""
-    if not isinstance(blocks, list) or not blocks:
+    """Validate JSON data (or a cell tuple) as a cell and return it as a tuple of blocks."""
+    if not isinstance(blocks, (list, tuple)) or not blocks:
         raise CellError("a cell must be a non-empty JSON list of blocks [in1, \"op1\", in2, \"op2\"]")
     cell = []
     for b, block in enumerate(blocks):
@@ -128,11 +128,6 @@ def load_arch(text):
                             "network: search again, or pass the cell as an inline JSON list to train it in this network")
         data = data["cell"]
     return parse_cell(data)
-
-
-def arch_name(arch):
-    """The cell's JSON text: what logs and checkpoints record, and load_arch reads back."""
-    return json.dumps([list(block) for block in arch])
 
 
 def read_inputs(cell):

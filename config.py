@@ -1,9 +1,7 @@
 """Every setting of a run in one `Config` dataclass, its presets, and the checks no run can pass without."""
 import dataclasses
-import inspect
 import json
 import os
-import re
 from dataclasses import dataclass
 
 import torch
@@ -13,55 +11,68 @@ import data
 from files import write_json
 
 ALL_OPS = tuple(cells.OPS)
+BENCH_WORKLOADS = ("all", "conv4", "cell", "search", "overhead")  # --bench; docs/speed.md
+
+
+# Which runs a setting leaves alone: a resumed --search (SEARCH) or --train (TRAIN) may differ in it.
+SEARCH, TRAIN = frozenset({"search"}), frozenset({"train"})
+ANY = SEARCH | TRAIN
+
+
+def setting(default, help, free=frozenset()):
+    """A Config field: its default, its --help line, and the runs whose results it does not change."""
+    return dataclasses.field(default=default, metadata={"help": help, "free": free})
 
 
 @dataclass
 class Config:
-    """Every setting of a run, one comment each (--help shows it); the defaults are the tiny preset."""
-    data: str = "synthetic"      # 'synthetic' (built-in glyphs) or a folder in a supported layout
-    image_size: int = 0          # side images are resized to; 0: 28 for synthetic, 84 otherwise
-    ways: int = 5                # N classes per episode
-    shots: int = 1               # K support images per class
-    queries: int = 5             # Q query images per class
-    blocks: int = 3              # B, the most blocks a cell gets
-    beam: int = 5                # cells scored per level after the first
-    ops: tuple = ALL_OPS         # comma-separated op names the search may use
-    max_first: int = 12          # score a seeded sample of this many 1-block cells (0: all 119), and conv4's
-    sampler: str = "predictor"   # how each level's beam is chosen: 'predictor' (PNAS) or 'random' (the baseline)
-    probe: int = 2               # children drawn at random and scored beside each beam, to test the predictor
-    noise: int = 4               # level-1 cells scored again with another seed, for the seed noise floor
-    rescore: int = 3             # best cells scored again on fresh episodes with new seeds; the best of these wins
-    rescore_seeds: int = 2       # new training seeds of each of those re-scores
-    max_params: int = 0          # children with more parameters are neither ranked nor scored (0: no budget)
-    cells: int = 1               # cells per stage of the network
-    channels: int = 32           # channels of the stem and of every cell (32: conv4's)
-    reductions: int = 2          # 2x2 max-pools between stages, as conv4's (2: conv4's 3 stages)
-    meta_iters: int = 60         # meta-iterations per search candidate
-    train_iters: int = 300       # meta-iterations of --train
-    seeds: str = ""              # --train: training seeds, e.g. 0,1,2: one run each in OUT/seed-N ('': --seed)
-    meta_batch: int = 2          # tasks per meta-iteration (0: 4 for 1-shot, 2 otherwise)
-    inner_steps: int = 1         # SGD steps of adaptation while meta-training
-    test_steps: int = 3          # SGD steps of adaptation when evaluating
-    inner_lr: float = 0.1        # inner-loop (adaptation) learning rate
-    meta_lr: float = 3e-3        # Adam learning rate of the outer loop
-    first_order: bool = True     # drop the second-order terms of the meta-gradient
-    eval_episodes: int = 50      # fixed episodes a candidate is scored on (val) and --eval tests on
-    val_episodes: int = 50       # fixed validation episodes of --train
-    val_every: int = 50          # --train validates and checkpoints every this many iterations
-    log_every: int = 20          # --train prints a progress line every this many iterations
-    device: str = "auto"         # 'auto' (CUDA if present), 'cpu', 'cuda' or 'cuda:N'
-    workers: int = 0             # --search: candidates trained at once, a process each (0: 1 per CPU core, 4 per GPU)
-    threads: int = 0             # CPU threads per process (0: 1 for --search, as scores depend on it; else torch's)
-    eval_batch: int = 0          # evaluation episodes adapted at once with torch.func.vmap (0: automatic; 1: none)
-    wait_minutes: float = 60     # under torchrun: how long a process waits for another before failing
-    seed: int = 0                # seeds data, episodes, candidates and the predictor
-    out: str = "runs/search"     # output folder (search.jsonl, best.json, ...; --draw: the .png file)
-    cache_dir: str = ""          # where decoded datasets are cached ('': cache/ beside --out)
-
-
-def field_help():
-    """name -> the comment beside each Config field above, so that a field is documented in one place."""
-    return dict(re.findall(r"^\s+(\w+): [^#\n]*# (.*)$", inspect.getsource(Config), re.MULTILINE))
+    """Every setting of a run, each with its --help line; the defaults are the tiny preset."""
+    data: str = setting("synthetic", "'synthetic' (built-in glyphs) or a folder in a supported layout")
+    image_size: int = setting(0, "side images are resized to; 0: 28 for synthetic, 84 otherwise")
+    ways: int = setting(5, "N classes per episode")
+    shots: int = setting(1, "K support images per class")
+    queries: int = setting(5, "Q query images per class")
+    blocks: int = setting(3, "B, the most blocks a cell gets", free=TRAIN)
+    beam: int = setting(5, "cells scored per level after the first", free=TRAIN)
+    ops: tuple = setting(ALL_OPS, "comma-separated op names the search may use", free=TRAIN)
+    max_first: int = setting(12, "score a seeded sample of this many 1-block cells (0: all 119), and conv4's",
+                             free=TRAIN)
+    sampler: str = setting("predictor", "how each level's beam is chosen: 'predictor' (PNAS) or 'random' (the baseline)",
+                           free=TRAIN)
+    probe: int = setting(2, "children drawn at random and scored beside each beam, to test the predictor", free=TRAIN)
+    noise: int = setting(4, "level-1 cells scored again with another seed, for the seed noise floor", free=TRAIN)
+    rescore: int = setting(3, "best cells scored again on fresh episodes with new seeds; the best of these wins",
+                           free=TRAIN)
+    rescore_seeds: int = setting(2, "new training seeds of each of those re-scores", free=TRAIN)
+    max_params: int = setting(0, "children with more parameters are neither ranked nor scored (0: no budget)")
+    cells: int = setting(1, "cells per stage of the network")
+    channels: int = setting(32, "channels of the stem and of every cell (32: conv4's)")
+    reductions: int = setting(2, "2x2 max-pools between stages, as conv4's (2: conv4's 3 stages)")
+    meta_iters: int = setting(60, "meta-iterations per search candidate", free=TRAIN)
+    train_iters: int = setting(300, "meta-iterations of --train", free=ANY)
+    seeds: str = setting("", "--train: training seeds, e.g. 0,1,2: one run each in OUT/seed-N ('': --seed)",
+                         free=SEARCH)
+    meta_batch: int = setting(2, "tasks per meta-iteration (0: 4 for 1-shot, 2 otherwise)")
+    inner_steps: int = setting(1, "SGD steps of adaptation while meta-training")
+    test_steps: int = setting(3, "SGD steps of adaptation when evaluating")
+    inner_lr: float = setting(0.1, "inner-loop (adaptation) learning rate")
+    meta_lr: float = setting(3e-3, "Adam learning rate of the outer loop")
+    first_order: bool = setting(True, "drop the second-order terms of the meta-gradient")
+    eval_episodes: int = setting(50, "fixed episodes a candidate is scored on (val) and --eval tests on", free=TRAIN)
+    val_episodes: int = setting(50, "fixed validation episodes of --train", free=SEARCH)
+    val_every: int = setting(50, "--train validates and checkpoints every this many iterations", free=SEARCH)
+    log_every: int = setting(20, "--train prints a progress line every this many iterations", free=ANY)
+    device: str = setting("auto", "'auto' (CUDA if present), 'cpu', 'cuda' or 'cuda:N'", free=ANY)
+    workers: int = setting(0, "--search: candidates trained at once, a process each (0: 1 per CPU core, 4 per GPU)",
+                           free=ANY)
+    threads: int = setting(0, "CPU threads per process (0: 1 for --search, as scores depend on it; else torch's)",
+                           free=TRAIN)
+    eval_batch: int = setting(0, "evaluation episodes adapted at once with torch.func.vmap (0: automatic; 1: none)",
+                              free=TRAIN)
+    wait_minutes: float = setting(60, "under torchrun: how long a process waits for another before failing", free=ANY)
+    seed: int = setting(0, "seeds data, episodes, candidates and the predictor")
+    out: str = setting("runs/search", "output folder (search.jsonl, best.json, ...; --draw: the .png file)", free=ANY)
+    cache_dir: str = setting("", "where decoded datasets are cached ('': cache/ beside --out)", free=ANY)
 
 
 PRESETS = {
@@ -74,15 +85,9 @@ PRESETS = {
                   eval_episodes=600, val_episodes=100, val_every=1000, log_every=100),
 }
 
-# Fields that do not change a run's results, so a resumed run may differ in them.
-RESUME_FREE = {
-    "search": {"device", "out", "cache_dir", "wait_minutes", "train_iters", "val_episodes", "val_every", "log_every",
-               "seeds", "workers"},
-    "train": {"device", "workers", "threads", "eval_batch", "out", "cache_dir", "wait_minutes", "train_iters",
-              "eval_episodes", "log_every",
-              "blocks", "beam", "ops", "max_first", "meta_iters", "sampler", "probe", "noise", "rescore",
-              "rescore_seeds"},
-}
+def resume_free(kind):
+    """The fields a resumed run of `kind` ("search" or "train") may change: they do not change its results."""
+    return {f.name for f in dataclasses.fields(Config) if kind in f.metadata["free"]}
 
 
 class ConfigError(ValueError):
@@ -152,7 +157,7 @@ def config_dict(cfg):
 def check_resume(cfg, kind="search"):
     """Refuse to mix a new config into an OUT folder written by another; record the config otherwise."""
     path = os.path.join(cfg.out, "config.json")
-    free = RESUME_FREE[kind]
+    free = resume_free(kind)
     current = {k: v for k, v in config_dict(cfg).items() if k not in free}
     if not os.path.exists(path):
         os.makedirs(cfg.out, exist_ok=True)

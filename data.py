@@ -10,7 +10,8 @@ these layouts, detected from what the folder holds (`validation` is accepted for
   folders  train/<class>/<image>, val/<class>/<image>, test/<class>/<image> (Omniglot-style)
 
 Every image is converted to RGB and resized to image_size x image_size once; each decoded split
-is cached as an .npz in cache_dir (default ~/.cache/autometa), keyed by its source files and size.
+is cached as an .npz in cache_dir when one is given (the command line's: --cache-dir, by default
+cache/ beside --out), keyed by its source files and size.
 """
 import csv
 import hashlib
@@ -49,11 +50,14 @@ class Split:
     labels: np.ndarray     # (N,) int64, values in range(len(classes))
 
 
+def cache_dir(cfg) -> str:
+    """Where a run with Config `cfg` caches decoded splits: --cache-dir, or by default cache/ beside --out."""
+    return cfg.cache_dir or os.path.join(os.path.dirname(os.path.abspath(cfg.out)), 'cache')
+
+
 def splits_for(cfg, needed=SPLITS) -> dict[str, Split]:
-    """The splits a run with Config `cfg` reads, each checked to give its episodes (cache: cfg.cache_dir
-    or cache/ beside cfg.out)."""
-    cache = cfg.cache_dir or os.path.join(os.path.dirname(os.path.abspath(cfg.out)), 'cache')
-    splits = load_splits(cfg.data, cfg.image_size, cache, seed=cfg.seed)
+    """The splits a run with Config `cfg` reads (cached in cache_dir(cfg)), each checked to give its episodes."""
+    splits = load_splits(cfg.data, cfg.image_size, cache_dir(cfg), seed=cfg.seed)
     for name in needed:
         check_split(splits[name], cfg.ways, cfg.shots, cfg.queries)
     return splits
@@ -66,7 +70,8 @@ def default_image_size(source: str) -> int:
 
 def load_splits(source: str, image_size: int | None = None, cache_dir: str | None = None,
                 seed: int = 0) -> dict[str, Split]:
-    """Load {'train', 'val', 'test'} from 'synthetic' (drawn from seed) or a folder in a supported layout."""
+    """Load {'train', 'val', 'test'} from 'synthetic' (drawn from seed) or a folder in a supported layout,
+    through the .npz cache in `cache_dir` (None: decode every time, cache nothing)."""
     image_size = image_size or default_image_size(source)
     if source == 'synthetic':
         return synthetic_splits(image_size, seed)
@@ -76,7 +81,7 @@ def load_splits(source: str, image_size: int | None = None, cache_dir: str | Non
         raise DataError(f"data folder {source} {problem}: pass --data synthetic or a folder in "
                         f"one of the supported layouts ({LAYOUTS})")
     layout = detect_layout(root)
-    cache = Path(cache_dir).expanduser() if cache_dir else Path.home() / '.cache' / 'autometa'
+    cache = Path(cache_dir).expanduser() if cache_dir else None
     return {name: _load_split(root, layout, name, image_size, cache) for name in SPLITS}
 
 
@@ -236,8 +241,8 @@ def _find(root: Path, pattern: str, name: str) -> Path | None:
     return next((p for p in paths if p.exists()), None)
 
 
-def _load_split(root: Path, layout: str, name: str, image_size: int, cache_dir: Path) -> Split:
-    """One split, read from the .npz cache when its key matches, otherwise decoded and cached."""
+def _load_split(root: Path, layout: str, name: str, image_size: int, cache_dir: Path | None) -> Split:
+    """One split, read from the .npz cache when its key matches, otherwise decoded (and cached, with a cache_dir)."""
     if layout == 'pickle':
         sources = [(_find(root, 'mini-imagenet-cache-{}.pkl', name), '')]
     else:
@@ -245,14 +250,15 @@ def _load_split(root: Path, layout: str, name: str, image_size: int, cache_dir: 
     # the key changes when any source file, its class, the layout or the image size changes
     stats = [(p.name, c, st.st_size, st.st_mtime_ns) for p, c in sources for st in [os.stat(p)]]
     key = hashlib.sha1(repr((str(root), layout, name, image_size, stats)).encode()).hexdigest()
-    path = cache_dir / f'{layout}-{name}-{image_size}px-{key[:16]}.npz'
-    split = _read_cache(path, name)
+    path = cache_dir / f'{layout}-{name}-{image_size}px-{key[:16]}.npz' if cache_dir else None
+    split = _read_cache(path, name) if path else None
     if split is None:
         if layout == 'pickle':
             split = _read_pickle(sources[0][0], name, image_size)
         else:
             split = _decode(sources, name, image_size)
-        _write_cache(path, split)
+        if path:
+            _write_cache(path, split)
     return split
 
 

@@ -2,19 +2,20 @@
 
 A cell is plain data, a tuple of blocks ``(in1, op1, in2, op2)``: inputs 0 and 1 are the outputs of
 the two previous cells, input 2 + i is block i of this cell, and a block computes op1(h[in1]) +
-op2(h[in2]). The search scores every 1-block cell (or a sample), fits the predictor on (cell,
-accuracy), then for b = 2..B expands the cells of the previous level by one block, ranks the children
-with the predictor, scores the best `beam` of them and refits. What "score" means is the caller's:
-``score(cell)`` returns at least ``{"accuracy": ...}``.
+op2(h[in2]). Inside the search a cell is always its canonical tuple (``canonical``), one per network;
+``cell_key`` names it as a string. The search scores every 1-block cell (or a sample), fits the
+predictor on (cell, accuracy), then for b = 2..B expands the cells of the previous level by one
+block, ranks the children with the predictor, scores the best `beam` of them and refits. What
+"score" means is the caller's: ``score(cell)`` returns at least ``{"accuracy": ...}``.
 
 Every scored cell is appended at once to a JSONL log; rerunning with the same log resumes and scores
 no cell twice. This file needs torch and numpy alone::
 
     ops = ["conv_3x3", "max_pool_3x3", "identity"]
-    log = pnas.SearchLog("search.jsonl", levels=5, total=21 + 4 * 8)
-    measured = pnas.search(score, log, blocks=5, beam=8, ops=ops, first_cells=pnas.first_level(ops),
-                           predictor=pnas.Predictor(ops))
-    best = pnas.best_of(measured)
+    log = pnas.SearchLog("search.jsonl")
+    pnas.search(score, log, blocks=5, beam=8, ops=ops, first_cells=pnas.first_level(ops),
+                predictor=pnas.Predictor(ops))
+    best = pnas.best(log.records.values())
 """
 import functools
 import itertools
@@ -28,8 +29,17 @@ import torch
 import torch.nn as nn
 
 
-# A log row's role in the search itself; the other roles ("noise", "rescore") are re-scores of its cells.
-SEARCH_ROLES = (None, "first", "baseline", "beam", "probe")
+# What each row of the log is. The first four are the search's own scores, one per network; the
+# last two score one of its cells again, with another training seed.
+ROLES = {
+    "first": "a 1-block cell of level 1",
+    "baseline": "a hand design scored at level 1 whatever the sample (conv4)",
+    "beam": "a child the predictor (or the random sampler) chose",
+    "probe": "a child drawn at random beside the beam, to measure the predictor",
+    "noise": "a level-1 cell again on the same episodes: the seed noise floor",
+    "rescore": "a best cell again on fresh episodes: the de-biased best",
+}
+SEARCH_ROLES = ("first", "baseline", "beam", "probe")
 
 
 class LogError(ValueError):
@@ -112,7 +122,7 @@ def cell_key(cell):
 
 
 def as_cell(blocks):
-    """A cell read back from JSON (lists) as a tuple of block tuples."""
+    """A cell read back from JSON (lists of lists) as a tuple of block tuples."""
     return tuple(tuple(block) for block in blocks)
 
 
@@ -229,29 +239,41 @@ def spearman(a, b):
 # ---------------------------------------------------------------------------- the search
 
 def search(score, log, blocks, beam, ops, first_cells, predictor, probes=0, sampler="predictor", seed=0,
-           baseline=(), allowed=None):
-    """PNAS's progressive search; returns the log records of every cell it measured, in order.
+           baseline=(), allowed=None, score_cells=None, progress=None, on_level=None):
+    """PNAS's progressive search (Algorithm 1); returns the log records of every cell it measured, in order.
 
-    `score(cell)` -> {"accuracy", ...}; `log` is a SearchLog, which scores, logs and resumes. Beside
-    each level's beam, `probes` children drawn at random are scored too: the predictor chose none of
-    them, so its rank correlation on them measures it without bias. `sampler="random"` picks the
-    beam at random instead of by prediction: the baseline that shows what the predictor buys.
-    `baseline`: 1-block cells scored at level 1 whatever `first_cells` holds (role "baseline"), the
-    hand design a search must beat; they are parents like any other. `allowed(cell)`: whether a cell
-    may be ranked and scored at all (a parameter budget, say); the baseline is scored regardless.
+    `score(cell)` -> {"accuracy", ...}; `log` is a SearchLog, which stores each result as it arrives,
+    so a rerun with the same log resumes. Beside each level's beam, `probes` children drawn at random
+    are scored too: the predictor chose none of them, so its rank correlation on them measures it
+    without bias. `sampler="random"` picks the beam at random instead of by prediction: the baseline
+    that shows what the predictor buys. `baseline`: 1-block cells scored at level 1 whatever
+    `first_cells` holds (role "baseline"), the hand design a search must beat; they are parents like
+    any other. `allowed(cell)`: whether a cell may be ranked and scored at all (a parameter budget,
+    say); the baseline is scored regardless. `score_cells(score, cells)` scores a list of cells
+    (default score_each, one after another here; a team's, in several processes), `progress` prints
+    (a Progress), and `on_level(b, records)` runs after each level with every record of the log.
     """
     rng = random.Random(seed)
     allowed = allowed or (lambda cell: True)
-    first = [(c, "baseline") for c in baseline] + [(c, "first") for c in first_cells
+    progress = progress or Progress(blocks, beam + probes)
+    baseline = [canonical(c) for c in baseline]
+    first = [(c, "baseline") for c in baseline] + [(c, "first") for c in map(canonical, first_cells)
                                                    if c not in baseline and allowed(c)]
-    measured = log.level(1, first, score)                                    # score the 1-block cells
+
+    def measure(b, cells, predicted=None):
+        ok = score_level(log, b, cells, score, score_cells, progress, predicted)
+        if on_level is not None:
+            on_level(b, list(log.records.values()))
+        return ok
+
+    measured = measure(1, first)                                             # score the 1-block cells
     for b in range(2, blocks + 1):
-        predictor.fit([as_cell(r["cell"]) for r in measured], [r["accuracy"] for r in measured])
-        parents = [as_cell(r["cell"]) for r in measured if r["level"] == b - 1]
+        predictor.fit([r["cell"] for r in measured], [r["accuracy"] for r in measured])
+        parents = [r["cell"] for r in measured if r["level"] == b - 1]
         children = sorted(c for c in {child for p in parents for child in expand(p, ops)} if allowed(c))
         if not children:
-            log.say(f"level {b}: no child of level {b - 1}'s cells is allowed (the parameter budget), so the "
-                    f"search ends at level {b - 1}")
+            progress.say(f"level {b}: no child of level {b - 1}'s cells is allowed (the parameter budget), so the "
+                         f"search ends at level {b - 1}")
             break
         predicted = dict(zip(children, predictor.predict(children).tolist()))
         if sampler == "random":
@@ -260,56 +282,104 @@ def search(score, log, blocks, beam, ops, first_cells, predictor, probes=0, samp
             chosen = sorted(children, key=lambda c: (-predicted[c], cell_key(c)))[:beam]
         rest = [c for c in children if c not in set(chosen)]
         probed = rng.sample(rest, min(probes, len(rest)))
-        cells = [(c, "beam") for c in chosen] + [(c, "probe") for c in probed]
-        measured += log.level(b, cells, score, predicted)                    # score the beam and probes
+        measured += measure(b, [(c, "beam") for c in chosen] + [(c, "probe") for c in probed], predicted)
     return measured
 
 
-def rescore(log, score, cells, trials, role, fresh=False):
+def score_level(log, b, cells, score, score_cells=None, progress=None, predicted=None):
+    """Score level b's (cell, role) pairs that the log has no result for (a failure is tried again),
+    appending each result to the log as it arrives; return the ok records of all of them, in their order."""
+    score_cells, progress = score_cells or score_each, progress or Progress(b, len(cells))
+    start = time.time()
+    roles = {cell: role for cell, role in cells if not log.done(cell)}
+    progress.level(b, len(cells))
+    for cell, role in cells:  # what an earlier run logged, first
+        if cell not in roles:
+            progress.scored(log.records[cell_key(cell)], fresh=False)
+    for cell, result in score_cells(score, list(roles)) if roles else ():
+        p = None if predicted is None else round(predicted[cell], 4)
+        progress.scored(log.append(dict(level=b, cell=cell, blocks=len(cell), role=roles[cell], predicted=p,
+                                        **result)))
+    ok = [log.records[cell_key(c)] for c, _ in cells if log.records[cell_key(c)]["status"] == "ok"]
+    if not ok:
+        raise SearchError(f"no candidate of level {b} trained successfully: see {log.path} for each error")
+    progress.level_done(b, ok, time.time() - start)
+    return ok
+
+
+def rescore(log, score, cells, trials, role, fresh=False, score_cells=None, progress=None):
     """Score each cell again, once per training seed in `trials` (score(cell, trial=t, fresh=fresh)),
     logged with `role`; returns {cell key: [ok records]}. Used for the noise floor (same episodes,
     other seeds) and the de-biased best (fresh episodes, other seeds). Each trial's cells go to
-    log.score_cells together, so several processes share them."""
+    `score_cells` together, so several processes share them."""
+    score_cells, progress = score_cells or score_each, progress or Progress(1, 0)
     for trial in trials:
         todo = [c for c in cells if not log.done(c, role, trial)]
-        for cell, result in log.score_cells(score, todo, trial=trial, fresh=fresh) if todo else ():
-            log.append(dict(level=len(cell), cell=[list(x) for x in canonical(cell)], blocks=len(cell),
-                            role=role, trial=trial, predicted=None, **result))
+        for cell, result in score_cells(score, todo, trial=trial, fresh=fresh) if todo else ():
+            progress.scored(log.append(dict(level=len(cell), cell=cell, blocks=len(cell), role=role, trial=trial,
+                                            predicted=None, **result)), show=False)
     found = {}
     for cell in cells:
         found[cell_key(cell)] = [log.records[record_key(dict(cell=cell, role=role, trial=t))] for t in trials]
-        log.say(f"{role}: {json.dumps([list(x) for x in cell])}: "
-                + ", ".join(f"{100 * r['accuracy']:.2f}%" if r["status"] == "ok" else r["status"]
-                            for r in found[cell_key(cell)]))
+        progress.say(f"{role}: {json.dumps(cell)}: "
+                     + ", ".join(f"{100 * r['accuracy']:.2f}%" if r["status"] == "ok" else r["status"]
+                                 for r in found[cell_key(cell)]))
     return {k: [r for r in rows if r["status"] == "ok"] for k, rows in found.items()}
 
 
-def measure_noise(log, score, measured, n):
+def measure_noise(log, score, measured, n, score_cells=None, progress=None):
     """Score `n` level-1 cells, spread over their ranking, again with another training seed on the same
     episodes (role "noise"); returns seed_noise over the log (None if nothing was re-scored)."""
     level1 = sorted((r for r in measured if r["level"] == 1), key=lambda r: r["accuracy"])
     picked = [level1[round(k * (len(level1) - 1) / max(n - 1, 1))] for k in range(n)]
-    rescore(log, score, [as_cell(r["cell"]) for r in picked], [1], "noise")
+    rescore(log, score, [r["cell"] for r in picked], [1], "noise", score_cells=score_cells, progress=progress)
     return seed_noise(log.records.values())
 
 
-def debiased_best(log, score, measured, top, seeds):
+def debiased_best(log, score, measured, top, seeds, score_cells=None, progress=None):
     """Re-score the `top` best measured cells with training seeds 1..`seeds` on fresh episodes
-    (score(cell, trial=t, fresh=True)) and return the best by re-score, with "rescore": {"accuracy", "ci95", "seeds"}.
-    The search's own best score is the highest of many noisy ones, on the episodes that chose it,
-    so it is biased upward; the re-score is not. With top 0, the search's best keeps its own score.
-    The baseline's cells (role "baseline") are re-scored beside them, so that the best is compared
-    with them on equal terms; a baseline that re-scores best is the best."""
-    ranked = sorted(measured, key=lambda r: (-r["accuracy"], r["blocks"]))
-    candidates = ranked[:max(top, 1)] + [r for r in ranked[max(top, 1):] if r.get("role") == "baseline"]
-    again = rescore(log, score, [as_cell(r["cell"]) for r in candidates], list(range(1, seeds + 1)) if top else [],
-                    "rescore", fresh=True)
-    for r in candidates:
-        rows = again.get(cell_key(r["cell"])) or [r]  # nothing re-scored (or every re-score failed): its own
-        r["rescore"] = {"accuracy": round(float(np.mean([x["accuracy"] for x in rows])), 5),
-                        "ci95": round(float(np.sqrt(sum(x["ci95"] ** 2 for x in rows))) / len(rows), 5),
-                        "seeds": [x.get("seed") for x in rows]}
-    return max(candidates, key=lambda r: (r["rescore"]["accuracy"], -r["blocks"]))
+    (score(cell, trial=t, fresh=True)), the baseline's cells (role "baseline") beside them, and return
+    best(log.records.values()). The search's own best score is the highest of many noisy ones, on the
+    episodes that chose it, so it is biased upward; the re-score is not. With top 0 nothing is
+    re-scored and the search's best keeps its own score."""
+    if top:
+        ranked = sorted(measured, key=lambda r: (-r["accuracy"], r["blocks"]))
+        candidates = ranked[:top] + [r for r in ranked[top:] if r["role"] == "baseline"]
+        rescore(log, score, [r["cell"] for r in candidates], list(range(1, seeds + 1)), "rescore", fresh=True,
+                score_cells=score_cells, progress=progress)
+    return best(log.records.values())
+
+
+def rescores(records):
+    """cell key -> its re-score on fresh episodes with new seeds (role "rescore"), {"accuracy": mean,
+    "ci95": of the mean, "seeds"}, for every cell re-scored; None where each of its re-scores failed."""
+    found = {}
+    for r in records:
+        if r["role"] == "rescore":
+            found.setdefault(cell_key(r["cell"]), []).extend([r] if r["status"] == "ok" else [])
+    return {key: summary(rows) if rows else None for key, rows in found.items()}
+
+
+def summary(rows):
+    """The mean accuracy of some scores of one cell, the 95% CI of that mean, and their training seeds."""
+    cis = [x.get("ci95") for x in rows]  # a score may come without one
+    return {"accuracy": round(float(np.mean([x["accuracy"] for x in rows])), 5),
+            "ci95": None if None in cis else round(float(np.sqrt(sum(c ** 2 for c in cis))) / len(rows), 5),
+            "seeds": [x.get("seed") for x in rows]}
+
+
+def best(records):
+    """The search's best cell, by the one rule best.json, the report and the final message share: among
+    the cells re-scored (role "rescore"), the best re-score (a cell whose every re-score failed counts
+    its own search score); with none re-scored yet, the best search score. On a tie, fewer blocks, then
+    the better search score. Returns its record with "rescore" added (its summary), or None when no cell
+    of the search trained."""
+    ok = sorted((r for r in records if r["role"] in SEARCH_ROLES and r["status"] == "ok"),
+                key=lambda r: (-r["accuracy"], r["blocks"]))
+    again = rescores(records)
+    pool = [r for r in ok if cell_key(r["cell"]) in again] or ok
+    pool = [dict(r, rescore=again.get(cell_key(r["cell"])) or summary([r])) for r in pool]
+    return max(pool, key=lambda r: (r["rescore"]["accuracy"], -r["blocks"]), default=None)
 
 
 def seed_noise(records):
@@ -317,15 +387,10 @@ def seed_noise(records):
     several seeds on the same episodes (role "noise" beside the search's own score); None if none."""
     by_cell = {}
     for r in records:
-        if r["status"] == "ok" and r.get("role") in SEARCH_ROLES + ("noise",):
+        if r["status"] == "ok" and r["role"] in SEARCH_ROLES + ("noise",):
             by_cell.setdefault(cell_key(r["cell"]), []).append(r["accuracy"])
     spreads = [np.var(scores, ddof=1) for scores in by_cell.values() if len(scores) > 1]
     return float(np.sqrt(np.mean(spreads))) if spreads else None
-
-
-def best_of(records):
-    """The record with the highest accuracy; on a tie, the cell with fewer blocks."""
-    return max(records, key=lambda r: (r["accuracy"], -r["blocks"]))
 
 
 def score_safely(score, cell):
@@ -352,45 +417,70 @@ def score_each(score, cells, **options):
         yield cell, score_safely(functools.partial(score, **options), cell)
 
 
+# ---------------------------------------------------------------------------- progress
+
+class Progress:
+    """The search's progress lines: one per candidate with the search's ETA, and a summary after each level.
+
+    It knows the search's size: `blocks` levels, the cells of level 1 (counted when it starts), at most
+    `per_level` cells at each later level, and `after` re-scores once the levels are done; `workers`
+    candidates are scored at once."""
+
+    def __init__(self, blocks, per_level, after=0, workers=1, say=print):
+        self.blocks, self.per_level, self.after, self.workers, self.say = blocks, per_level, after, workers, say
+        self.total, self.count, self.timed = None, 0, []
+        self.b = self.i = self.n = 0
+
+    def level(self, b, n):
+        """Level b starts, with n cells to score or read back from the log."""
+        if self.total is None:
+            self.total = n + self.per_level * (self.blocks - b) + self.after
+        self.b, self.i, self.n = b, 0, n
+
+    def scored(self, record, fresh=True, show=True):
+        """A record arrived: scored now (`fresh`) or read back from the log; `show`: print its line."""
+        if fresh:
+            self.timed.append(record["seconds"])
+        if not show:
+            return
+        self.i += 1
+        self.count += 1
+        left = max((self.total or self.count) - self.count, 0)
+        eta = sum(self.timed) / len(self.timed) * left / self.workers if self.timed else None
+        self.say(progress_line(self.b, self.blocks, self.i, self.n, record, eta, fresh))
+
+    def level_done(self, b, ok, seconds):
+        """After a level: the predictor's Spearman correlation on it (PNAS's diagnostic), and its time."""
+        if b > 1:
+            for name, rows in (("beam and probes", ok), ("probes alone", [r for r in ok if r["role"] == "probe"])):
+                rho = spearman([r["predicted"] for r in rows], [r["accuracy"] for r in rows])
+                self.say(f"level {b}: Spearman rank correlation, predicted vs measured, {name}: "
+                         + ("n/a" if rho is None else f"{rho:+.3f}") + f" ({len(rows)} cells)")
+        self.say(f"level {b} done in {seconds:.1f} s")
+
+
+def progress_line(level, blocks, i, n, record, eta, fresh=True):
+    """One line per candidate: level, i/total, accuracy, seconds (or 'logged' when resumed), ETA of the search."""
+    if record["status"] == "ok":
+        result = f"acc {100 * record['accuracy']:5.2f}%" + (
+            f" ± {100 * record['ci95']:5.2f}%" if record.get("ci95") is not None else "")
+    else:
+        result = f"{record['status']}: {record.get('error', '')}"
+    seconds = f"{record['seconds']:6.1f} s" if fresh else "  logged"
+    eta = "ETA     ? min" if eta is None else f"ETA {eta / 60:5.1f} min"
+    return f"[level {level}/{blocks}] {i:>3}/{n}  {result}  {seconds}  {eta}  {json.dumps(record['cell'])}"
+
+
+# ---------------------------------------------------------------------------- the log
+
 class SearchLog:
     """The search's append-only log, OUT/search.jsonl: one JSON line per scored cell, written as each
-    result arrives. Cells already in it are not scored again, which is how a rerun resumes.
+    result arrives, and read back into `records` (record_key -> record, each cell a canonical tuple).
+    The search scores no cell that has a result here, which is how a rerun resumes."""
 
-    `levels` and `total` (cells to score) are the search's size, for the progress lines and the ETA;
-    `score_cells(score, cells, **options)` yields (cell, result) as results arrive (``score_each``, or a
-    team's), `workers` of them at once; `on_level(b, records)` runs after each level with every record.
-    """
-
-    def __init__(self, path, levels, total, score_cells=score_each, workers=1, say=print, on_level=None):
-        self.path, self.levels, self.total = path, levels, total
-        self.score_cells, self.workers, self.say, self.on_level = score_cells, workers, say, on_level
-        self.records = read_log(path)  # cell key -> record
-        self.count, self.timed = 0, []
-
-    def level(self, b, cells, score, predicted=None):
-        """Score the (cell, role) pairs of level b not yet logged (or logged as failed: tried again);
-        return the ok records of all of them, in their order."""
-        start = time.time()
-        logged = [(cell, role, None) for cell, role in cells if self.done(cell)]
-        missing = dict((cell, role) for cell, role in cells if not self.done(cell))
-        results = ((cell, missing[cell], result) for cell, result in self.score_cells(score, list(missing)))
-        # the cells logged by an earlier run first, then each new result as soon as it arrives
-        for i, (cell, role, result) in enumerate(itertools.chain(logged, results), 1):
-            if result is not None:
-                p = None if predicted is None else round(predicted[cell], 4)
-                self.append(dict(level=b, cell=[list(x) for x in canonical(cell)], blocks=len(cell), role=role,
-                                 predicted=p, **result))
-            self.count += 1
-            eta = np.mean(self.timed) * (self.total - self.count) / self.workers if self.timed else None
-            self.say(progress_line(b, self.levels, i, len(cells), self.records[cell_key(cell)], eta,
-                                   result is not None))
-        ok = [self.records[cell_key(c)] for c, _ in cells if self.records[cell_key(c)]["status"] == "ok"]
-        if not ok:
-            raise SearchError(f"no candidate of level {b} trained successfully: see {self.path} for each error")
-        self.summarize(b, ok, time.time() - start)
-        if self.on_level is not None:
-            self.on_level(b, list(self.records.values()))
-        return ok
+    def __init__(self, path):
+        self.path = path
+        self.records = read_log(path)
 
     def done(self, cell, role=None, trial=0):
         """Whether `cell` (re-scored as `role`, `trial`) has a result to keep: a failure (an exception, out of
@@ -399,30 +489,23 @@ class SearchLog:
         return record is not None and record["status"] != "failed"
 
     def append(self, record):
-        """Append one record as a JSON line and make it durable before going on."""
+        """Append one record as a JSON line and make it durable before going on; returns the record."""
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
             f.flush()
             os.fsync(f.fileno())
         self.records[record_key(record)] = record
-        self.timed.append(record["seconds"])
-
-    def summarize(self, b, ok, seconds):
-        """After a level: the predictor's Spearman correlation on it (PNAS's diagnostic), and its time."""
-        if b > 1:
-            for name, rows in (("beam and probes", ok), ("probes alone", [r for r in ok if r.get("role") == "probe"])):
-                rho = spearman([r["predicted"] for r in rows], [r["accuracy"] for r in rows])
-                self.say(f"level {b}: Spearman rank correlation, predicted vs measured, {name}: "
-                         + ("n/a" if rho is None else f"{rho:+.3f}") + f" ({len(rows)} cells)")
-        self.say(f"level {b} done in {seconds:.1f} s")
+        return record
 
 
 def read_log(path):
-    """Records of search.jsonl keyed by cell; a partial last line (from a kill) is cut off the file.
+    """Records of search.jsonl keyed by record_key, each cell read back as its canonical tuple; a partial
+    last line (from a kill) is cut off the file.
 
     One record per network: a later row replaces an earlier one only where that one failed (the
     cell was tried again). A log written before cells were merged up to block order may hold one
-    network twice: its first row is kept."""
+    network twice: its first row is kept. A row from before roles were logged gets the role its level
+    gives it ("first" or "beam")."""
     if not os.path.exists(path):
         return {}
     with open(path, "rb") as f:
@@ -438,6 +521,9 @@ def read_log(path):
         except json.JSONDecodeError as e:
             raise LogError(f"line {n} of {path} is not valid JSON ({e.msg}): delete that line or start a new "
                            "--out folder") from e
+        record["cell"] = canonical(as_cell(record["cell"]))
+        if record.get("role") is None:
+            record["role"] = "first" if record["level"] == 1 else "beam"
         key = record_key(record)
         if key not in records or records[key]["status"] == "failed":
             records[key] = record
@@ -446,18 +532,6 @@ def read_log(path):
 
 def record_key(record):
     """What a log record is the result of: its network, and for a re-score its role and trial."""
-    if record.get("role") in SEARCH_ROLES:
+    if record.get("role") in SEARCH_ROLES + (None,):
         return cell_key(record["cell"])
     return f"{cell_key(record['cell'])}#{record['role']}{record['trial']}"
-
-
-def progress_line(level, blocks, i, n, record, eta, fresh=True):
-    """One line per candidate: level, i/total, accuracy, seconds (or 'logged' when resumed), ETA of the search."""
-    if record["status"] == "ok":
-        result = f"acc {100 * record['accuracy']:5.2f}%" + (
-            f" ± {100 * record['ci95']:5.2f}%" if record.get("ci95") is not None else "")
-    else:
-        result = f"{record['status']}: {record.get('error', '')}"
-    seconds = f"{record['seconds']:6.1f} s" if fresh else "  logged"
-    eta = "ETA     ? min" if eta is None else f"ETA {eta / 60:5.1f} min"
-    return f"[level {level}/{blocks}] {i:>3}/{n}  {result}  {seconds}  {eta}  {json.dumps(record['cell'])}"

@@ -15,6 +15,7 @@ from PIL import Image, ImageDraw
 from drawing import (BLUE, GREEN, INK, MUTED, ORANGE, PALETTE, RED, SMALL_SIZE, TEXT_SIZE, TITLE_SIZE, WHITE, Axes,
                      dashed, dot, draw_cell, font, legend, save_png, value_ticks)
 from files import atomic_write
+import pnas
 from pnas import SEARCH_ROLES, cell_key, seed_noise, spearman
 
 SEARCH_SIZE = (1280, 570)    # report.png
@@ -46,14 +47,15 @@ def draw_search(records, path, chance):
     """report.png: measured accuracy of every scored cell by level, and the predictor's predictions vs them."""
     image = Image.new("RGB", SEARCH_SIZE, WHITE)
     draw = ImageDraw.Draw(image)
-    noise, records = seed_noise(records), searched(records)
+    noise, best, again, records = seed_noise(records), pnas.best(records), pnas.rescores(records), searched(records)
     ok = [r for r in records if r["status"] == "ok"]
     failed = len(records) - len(ok)
     header = f"{len(records)} cells scored" + (f" ({failed} diverged or failed)" if failed else "")
-    if ok:
-        best = max(ok, key=lambda r: (r["accuracy"], -r["blocks"]))
+    if best is not None:
         header += (f"  ·  best {percent(best['accuracy'])} ± {percent(best['ci95'])} at level {best['level']}"
-                   f"  ·  chance {percent(chance, 0)}")
+                   + (f" (re-scored {percent(best['rescore']['accuracy'])})"
+                      if again.get(cell_key(best["cell"])) else "")
+                   + f"  ·  chance {percent(chance, 0)}")
     if noise is not None:
         header += f"  ·  seed noise ± {percent(noise)} (std)"
     draw.text((20, 12), header, font=font(TITLE_SIZE), fill=INK)
@@ -201,31 +203,20 @@ def plot_accuracy(image, xaxis, its, train, val, chance, markers):
 
 def write_report(out, records, config):
     """OUT/report.png, OUT/best_cell.png and OUT/report.md from the search log records and the config dict."""
-    rescored = rescores(records)
     search = searched(records)
     ok = sorted((r for r in search if r["status"] == "ok"), key=lambda r: (-r["accuracy"], r["blocks"]))
     levels = sorted({r["level"] for r in search})
     chance = 1 / config["ways"]
     draw_search(records, os.path.join(out, "report.png"), chance)
     lines = report_header(search, ok, levels, config, chance)
-    if ok:
-        # the best by its re-score where the best cells were re-scored: the search's own best is biased upward
-        best = max(ok, key=lambda r: (rescored.get(cell_key(r["cell"]), -1), r["accuracy"], -r["blocks"]))
+    best = pnas.best(records)  # the rule best.json and the final message follow too
+    if best is not None:
         draw_cell(best["cell"], os.path.join(out, "best_cell.png"),
                   f"best cell: {percent(best['accuracy'])} ± {percent(best['ci95'])} (level {best['level']}, "
                   f"{best['params']:,} parameters)")
-        lines += best_cells_table(ok, rescored) + baseline_lines(baseline_of(ok), best, rescored)
+        lines += best_cells_table(ok, pnas.rescores(records)) + [against_baseline(best, records), ""]
     lines += levels_table(search, levels, seed_noise(records)) + report_footer(search, ok, config)
     atomic_write(os.path.join(out, "report.md"), lambda f: f.write("\n".join(lines).encode()))
-
-
-def rescores(records):
-    """cell key -> mean accuracy of its re-scores on fresh episodes with new seeds (role "rescore")."""
-    found = {}
-    for r in records:
-        if r.get("role") == "rescore" and r["status"] == "ok":
-            found.setdefault(cell_key(r["cell"]), []).append(r["accuracy"])
-    return {key: sum(scores) / len(scores) for key, scores in found.items()}
 
 
 def report_header(records, ok, levels, config, chance):
@@ -238,38 +229,41 @@ def report_header(records, ok, levels, config, chance):
             "![accuracy by level and predicted vs measured accuracy](report.png)", ""]
 
 
-def best_cells_table(ok, rescored):
-    """The five best cells as a markdown table (`ok` sorted best first), and the best cell's picture."""
+def best_cells_table(ok, again):
+    """The five best cells by search score as a markdown table (`ok` sorted best first, `again`:
+    pnas.rescores), and the best cell's picture."""
     lines = ["## Best cells", "", "The search's own score of its best cells is the highest of many noisy scores, on "
              "the episodes that chose them; the re-score (mean over new training seeds, on fresh validation "
              "episodes) is not, and it chooses best.json's cell.", "",
              "| rank | blocks | search's validation accuracy ± 95% CI | re-scored | parameters | cell |",
              "|---:|---:|---|---|---:|---|"]
     for k, r in enumerate(ok[:5], 1):
-        again = rescored.get(cell_key(r["cell"]))
+        rescore = again.get(cell_key(r["cell"]))
         lines.append(f"| {k} | {r['blocks']} | {percent(r['accuracy'])} ± {percent(r['ci95'])} | "
-                     f"{'–' if again is None else percent(again)} | {r['params']:,} | `{json.dumps(r['cell'])}` |")
+                     f"{'–' if rescore is None else percent(rescore['accuracy'])} | {r['params']:,} | "
+                     f"`{json.dumps(r['cell'])}` |")
     return lines + ["", "![the best cell](best_cell.png)", ""]
 
 
-def baseline_lines(conv4, best, rescored):
-    """report.md's line on conv4 in this space, the reference every search scores, against the best cell."""
+def against_baseline(best, records):
+    """The verdict of report.md and of the search's final message: the best cell (pnas.best) against conv4
+    in this space, both re-scored on the same fresh episodes (or, before any re-score, both as searched)."""
+    conv4 = baseline_of(records)
     if conv4 is None:
-        return ["conv4 in this space: not scored (it failed to train, or the log predates it).", ""]
-    line = (f"conv4 in this space: {percent(conv4['accuracy'])} ± {percent(conv4['ci95'])} in the search, "
-            f"{conv4['params']:,} parameters")
-    again, best_again = rescored.get(cell_key(conv4["cell"])), rescored.get(cell_key(best["cell"]))
-    if again is not None:
-        line += f"; re-scored {percent(again)}"
+        return ("conv4 in this space: not scored (it failed to train, or the log predates it), so the best cell is "
+                "compared with nothing.")
+    again = pnas.rescores(records).get(cell_key(conv4["cell"]))
+    line = (f"conv4 in this space: {percent(conv4['accuracy'])} ± {percent(conv4['ci95'])} in the search"
+            + (f", re-scored {percent(again['accuracy'])}" if again else "") + f" ({conv4['params']:,} parameters).")
     if cell_key(best["cell"]) == cell_key(conv4["cell"]):
-        line += ". The best cell is conv4 itself: no searched cell beat it."
-    elif again is not None and best_again is not None:
-        line += f". The best cell, re-scored on the same episodes, {against_conv4(best_again, again)}."
-    return [line, ""]
+        return line + " The best cell is conv4 itself: no searched cell beat it."
+    if again:
+        return line + f" The best cell, re-scored on the same episodes, {against_conv4(best['rescore']['accuracy'], again['accuracy'])}."
+    return line + f" The best cell, in the search, {against_conv4(best['accuracy'], conv4['accuracy'])}."
 
 
 def against_conv4(best, conv4):
-    """The verdict of report.md and of the search's final message, from two re-scored accuracies."""
+    """'beat it by ...' or 'did not beat it ...', from two accuracies."""
     gap = 100 * (best - conv4)
     return f"beat it by {gap:.2f} points" if gap > 0 else f"did not beat it ({-gap:.2f} points below)"
 

@@ -41,7 +41,8 @@ def candidate_seed(seed, cell, trial=0):
 
 def make_scorer(cfg, splits, device):
     """score(cell, trial=0, fresh=False) -> {"accuracy", "ci95", "params", "seed"}, or status "diverged"
-    when training blew up.
+    when training blew up. `cell` is canonical (pnas.canonical), as every cell of the search is: its
+    listing fixes the order in which the network's weights are drawn.
 
     Every candidate is meta-trained from its own seed for cfg.meta_iters iterations on training
     episodes, then adapted and tested on the same cfg.eval_episodes validation episodes (with
@@ -55,7 +56,6 @@ def make_scorer(cfg, splits, device):
     search_episodes, fresh_episodes = episodes(0), episodes(FRESH_EPISODES)
 
     def score(cell, trial=0, fresh=False):
-        cell = pnas.canonical(cell)  # the same network, weights and seed however the cell is written
         seed = candidate_seed(cfg.seed, cell, trial)
         if device.type == "cuda":
             torch.cuda.empty_cache()  # start clean: no blocks cached by an earlier candidate, which may have run out

@@ -215,7 +215,7 @@ class Team:
             posted = json.loads(self.store.get(f"{keys}/cells"))
             if posted is None:
                 return
-            cells, options = [tuple(map(tuple, cell)) for cell in posted["cells"]], posted["options"]
+            cells, options = [pnas.as_cell(cell) for cell in posted["cells"]], posted["options"]
             self._work(self.store, functools.partial(score, **options), cells, keys)
 
     def _wait(self, ready, message):

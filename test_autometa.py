@@ -175,10 +175,10 @@ batch = lambda: (torch.rand(2, 3, 3, 8, 8), torch.arange(3).expand(2, 3), torch.
 maml.meta_train(net, torch.optim.Adam(net.parameters(), 1e-3), sample=batch, iterations=2, steps=1, lr=0.1)
 print(maml.evaluate(net, dict(net.named_parameters()), [batch()], steps=1, lr=0.1))
 ops = ["conv_3x3", "identity"]
-log = pnas.SearchLog("search.jsonl", levels=2, total=10 + 3, say=lambda line: None)
-measured = pnas.search(lambda cell: {"accuracy": len(cell) / 3}, log, blocks=2, beam=3, ops=ops,
-                       first_cells=pnas.first_level(ops), predictor=pnas.Predictor(ops, epochs=5))
-print(pnas.best_of(measured)["blocks"])
+log = pnas.SearchLog("search.jsonl")
+pnas.search(lambda cell: {"accuracy": len(cell) / 3}, log, blocks=2, beam=3, ops=ops,
+            first_cells=pnas.first_level(ops), predictor=pnas.Predictor(ops, epochs=5))
+print(pnas.best(log.records.values())["blocks"])
 """
 
 
@@ -295,7 +295,7 @@ def test_search_space_counts_and_canonical_dedup():
 
 def test_cell_json_round_trip_and_validation(tmp_path):
     path = tmp_path / "cell.json"
-    path.write_text(cells.arch_name(cells.AUTOMETA_CELL))
+    path.write_text(json.dumps(cells.AUTOMETA_CELL))
     assert cells.load_arch(str(path)) == cells.AUTOMETA_CELL
     (tmp_path / "best.json").write_text(json.dumps({"cell": [[1, "conv_3x3", 0, "identity"]], "accuracy": 0.5}))
     assert cells.load_arch(str(tmp_path / "best.json")) == ((1, "conv_3x3", 0, "identity"),)
@@ -454,16 +454,21 @@ def test_predictor_fit_on_one_block_cells_ranks_children_by_the_op_pairs_of_thei
         assert set(np.argsort(-predicted, kind="stable")[:5]) <= best
 
 
+def quiet():
+    """A search's progress, unprinted."""
+    return pnas.Progress(0, 0, say=lambda line: None)
+
+
 def run_fake_search(out, score=None, blocks=3, beam=3, max_first=10, predictor=None, job=None, **kw):
     """pnas.search with a fake score (fake_accuracy), as autometa.py runs it; `job`: a torchrun Team."""
     os.makedirs(out, exist_ok=True)
     ops = list(cells.OPS)
     first = pnas.first_level(ops, max_first, seed=0)
-    log = pnas.SearchLog(os.path.join(out, "search.jsonl"), blocks, len(first) + (beam + kw.get("probes", 0)) * (blocks - 1),
-                         score_cells=pnas.score_each if job is None else job.score_all, say=lambda s: None)
+    log = pnas.SearchLog(os.path.join(out, "search.jsonl"))
     measured = pnas.search(score or (lambda c: {"accuracy": fake_accuracy(c), "ci95": 0.01, "params": 1}), log,
-                           blocks, beam, ops, first, predictor or pnas.Predictor(ops, seed=0), **kw)
-    best = pnas.best_of(measured)
+                           blocks, beam, ops, first, predictor or pnas.Predictor(ops, seed=0),
+                           score_cells=None if job is None else job.score_all, progress=quiet(), **kw)
+    best = pnas.best(measured)
     write_json(os.path.join(out, "best.json"), {k: best[k] for k in ("cell", "accuracy", "ci95")})
     return best
 
@@ -478,14 +483,15 @@ def test_rescores_go_to_score_cells_a_trial_at_a_time_with_their_options_and_res
     def score(cell, trial=0, fresh=False):
         return {"accuracy": fake_accuracy(cell) + 0.01 * trial + 0.1 * fresh, "ci95": 0.01, "params": 1}
 
-    log = pnas.SearchLog(str(tmp_path / "search.jsonl"), 1, 3, score_cells=score_cells, say=lambda s: None)
-    measured = log.level(1, [(c, "first") for c in pnas.first_level(cells.OPS, 3)], score)
-    best = pnas.debiased_best(log, score, measured, 3, 2)
+    log = pnas.SearchLog(str(tmp_path / "search.jsonl"))
+    measured = pnas.score_level(log, 1, [(c, "first") for c in pnas.first_level(cells.OPS, 3)], score, score_cells, quiet())
+    best = pnas.debiased_best(log, score, measured, 3, 2, score_cells, quiet())
     assert calls[1:] == [(3, {"trial": 1, "fresh": True}), (3, {"trial": 2, "fresh": True})]
     assert best["rescore"]["accuracy"] == pytest.approx(fake_accuracy(pnas.as_cell(best["cell"])) + 0.115)
-    again = pnas.SearchLog(str(tmp_path / "search.jsonl"), 1, 3, score_cells=score_cells, say=lambda s: None)
+    again = pnas.SearchLog(str(tmp_path / "search.jsonl"))
     calls.clear()
-    assert pnas.debiased_best(again, score, measured, 3, 2)["rescore"] == best["rescore"] and calls == []
+    assert pnas.debiased_best(again, score, measured, 3, 2, score_cells, quiet())["rescore"] == best["rescore"]
+    assert calls == []
 
 
 def read_lines(path):
@@ -578,18 +584,44 @@ def test_conv4_is_re_scored_beside_the_top_cells_and_wins_when_its_re_score_is_b
     def score(cell, trial=0, fresh=False):  # conv4 is last in the search, first when re-scored
         low = 0.2 if cell == conv4 else fake_accuracy(cell)
         return {"accuracy": 0.95 if fresh and cell == conv4 else low, "ci95": 0.01, "params": 1}
-    log = pnas.SearchLog(str(tmp_path / "search.jsonl"), 1, 5, say=lambda s: None)
-    measured = log.level(1, [(conv4, "baseline")] + [(c, "first") for c in first], score)
-    best = pnas.debiased_best(log, score, measured, 2, 1)
+    log = pnas.SearchLog(str(tmp_path / "search.jsonl"))
+    measured = pnas.score_level(log, 1, [(conv4, "baseline")] + [(c, "first") for c in first], score, progress=quiet())
+    best = pnas.debiased_best(log, score, measured, 2, 1, progress=quiet())
     rescored = [r for r in read_lines(tmp_path / "search.jsonl") if r["role"] == "rescore"]
     assert len(rescored) == 3 and conv4 in [pnas.as_cell(r["cell"]) for r in rescored]
-    assert pnas.as_cell(best["cell"]) == conv4
-    records = [dict(r, rescore={"accuracy": a}) for r, a in zip(measured, (0.70, 0.75, 0.60, 0.50, 0.40))]
-    assert autometa.against_baseline(records[1], records[:1]) == (
-        "conv4 in this space re-scored 70.00% on the same episodes (1 parameters): the best cell beat it by 5.00 points")
-    assert "did not beat it (10.00 points below)" in autometa.against_baseline(records[2], records[:1])
-    assert "is conv4 itself" in autometa.against_baseline(records[0], records[:1])
-    assert "failed to train" in autometa.against_baseline(records[1], [])
+    assert best["cell"] == conv4 and best["rescore"]["accuracy"] == 0.95
+    assert report.against_baseline(best, list(log.records.values())) == (
+        "conv4 in this space: 20.00% ± 1.00% in the search, re-scored 95.00% (1 parameters). The best cell is conv4 "
+        "itself: no searched cell beat it.")
+
+
+def record(cell, accuracy, role="first", **kw):
+    """A search log record, as pnas.score_level writes one."""
+    return dict(level=len(cell), cell=cell, blocks=len(cell), role=role, status="ok", accuracy=accuracy, ci95=0.01,
+                params=1, seed=0, predicted=None, **kw)
+
+
+def test_one_rule_names_the_best_cell_and_says_whether_it_beat_conv4():
+    conv4, a, b = cells.CONV4_CELL, ((1, "identity", 1, "none"),), ((1, "max_pool_3x3", 1, "none"),)
+    searched = [record(conv4, 0.70, "baseline"), record(a, 0.90), record(b, 0.80)]
+    assert pnas.best(searched)["cell"] == a and pnas.best(searched)["rescore"]["accuracy"] == 0.90
+    assert report.against_baseline(pnas.best(searched), searched).endswith(
+        "The best cell, in the search, beat it by 20.00 points.")
+    again = [record(a, 0.60, "rescore", trial=1), record(b, 0.75, "rescore", trial=1),
+             record(conv4, 0.72, "rescore", trial=1)]
+    best = pnas.best(searched + again)  # the re-score decides, not the search's own score
+    assert best["cell"] == b and best["rescore"] == {"accuracy": 0.75, "ci95": 0.01, "seeds": [0]}
+    assert report.against_baseline(best, searched + again) == (
+        "conv4 in this space: 70.00% ± 1.00% in the search, re-scored 72.00% (1 parameters). The best cell, "
+        "re-scored on the same episodes, beat it by 3.00 points.")
+    # every re-score of a cell failed: its own search score stands for it, among the re-scored cells only
+    failed = [dict(again[0], status="failed", accuracy=None), again[1], again[2]]
+    best = pnas.best(searched + failed)
+    assert best["cell"] == a and best["rescore"]["accuracy"] == 0.90
+    assert report.against_baseline(best, searched[1:]).startswith("conv4 in this space: not scored")
+    tie = [record(conv4, 0.70, "baseline"), record(a + ((2, "identity", 2, "none"),), 0.70)]
+    assert pnas.best(tie)["cell"] == conv4  # on a tie the fewer blocks
+    assert pnas.best([dict(r, status="failed") for r in tie]) is None
 
 
 def test_a_parameter_budget_keeps_every_child_over_it_from_being_ranked_or_scored(tmp_path):
@@ -605,9 +637,9 @@ def test_a_parameter_budget_keeps_every_child_over_it_from_being_ranked_or_score
     over = [c for p in pnas.first_level(cells.OPS) for c in pnas.expand(p, cells.OPS) if count(c) > budget]
     assert over and not set(over) & {pnas.as_cell(r["cell"]) for r in log}
     said = []
-    log = pnas.SearchLog(str(tmp_path / "b.jsonl"), 2, 3, say=said.append)
+    log = pnas.SearchLog(str(tmp_path / "b.jsonl"))
     pnas.search(lambda c: {"accuracy": 0.5}, log, 2, 2, list(cells.OPS), [], pnas.Predictor(cells.OPS),
-                baseline=(cells.CONV4_CELL,), allowed=lambda c: len(c) < 2)
+                baseline=(cells.CONV4_CELL,), allowed=lambda c: len(c) < 2, progress=pnas.Progress(2, 2, say=said.append))
     assert "no child of level 1's cells is allowed (the parameter budget), so the search ends at level 1" in said[-1]
 
 
@@ -642,8 +674,8 @@ def test_an_old_log_with_one_network_twice_keeps_its_first_row(tmp_path):
     rows = [dict(level=2, cell=a, blocks=2, accuracy=0.5, ci95=0.1, status="ok"),
             dict(level=2, cell=b, blocks=2, accuracy=0.6, ci95=0.1, status="ok")]
     (tmp_path / "search.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    records = pnas.read_log(str(tmp_path / "search.jsonl"))
-    assert list(records.values()) == [rows[0]]
+    records = pnas.read_log(str(tmp_path / "search.jsonl"))  # each cell read back as its one spelling
+    assert list(records.values()) == [dict(rows[0], cell=pnas.canonical(pnas.as_cell(b)), role="beam")]
 
 
 # ---------------------------------------------------------------------------- data.py
@@ -969,8 +1001,10 @@ def test_tiny_search_end_to_end_writes_a_valid_log_and_resumes_without_retrainin
     assert "best cell:" in first.stdout and "[level 2/2]" in first.stdout and "seed noise:" in first.stdout
     conv4 = rescored[json.dumps(list(map(list, cells.CONV4_CELL)))]
     verdict = first.stdout.splitlines()[-2]
-    assert verdict.startswith("the best cell is conv4 itself" if best["cell"] == conv4["cell"] else
-                              f"conv4 in this space re-scored {100 * conv4['accuracy']:.2f}% on the same episodes")
+    assert f"re-scored {100 * conv4['accuracy']:.2f}%" in verdict and verdict.endswith(
+        "The best cell is conv4 itself: no searched cell beat it." if best["cell"] == conv4["cell"] else
+        f"re-scored on the same episodes, beat it by {100 * (best['rescore']['accuracy'] - conv4['accuracy']):.2f} points.")
+    assert verdict in open(os.path.join(out, "report.md")).read()  # one verdict, in both places
     report_md = open(os.path.join(out, "report.md")).read()
     assert "re-scored" in report_md and f"conv4 in this space: {100 * log[[r['role'] for r in log].index('baseline')]['accuracy']:.2f}%" in report_md
     capsys.readouterr()
@@ -1455,6 +1489,28 @@ def assert_same_training(out, whole):
     assert rows[0] == rows[1]
 
 
+def test_train_resumes_a_folder_given_the_same_network_in_another_spelling_and_refuses_another_network(
+        tmp_path, half_training, whole_training, capsys):
+    # train_args writes CELL with its block's two inputs in the non-canonical order; the checkpoint keeps the
+    # canonical spelling, and a resume compares networks, not spellings.
+    assert json.loads(torch.load(half_training / "last.pt", weights_only=True)["arch"]) == [
+        [0, "max_pool_3x3", 1, "conv_3x3"]]
+    out = tmp_path / "run"
+    shutil.copytree(half_training, out)
+    kept = contents(out)
+    other = ["--train", '[[0, "conv_3x3", 1, "max_pool_3x3"]]', *train_args(out)[2:]]  # another network
+    assert autometa.main(other) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"autometa: error: {out} holds training of another architecture") and err.endswith(
+        "pass a new --out to start fresh") and len(err.splitlines()) == 1
+    assert contents(out) == kept
+    swapped = ["--train", '[[0, "max_pool_3x3", 1, "conv_3x3"]]', *train_args(out)[2:]]  # the same network
+    with one_thread():
+        assert autometa.main(swapped) == 0
+    assert "resuming from" in capsys.readouterr().out
+    assert_same_training(out, whole_training)
+
+
 @pytest.mark.parametrize("kind, words", [("denied", "permission denied"), ("read-only", "the file system is read-only"),
                                          ("full", "no space left on the device")])
 def test_unwritable_out_or_cache_dir_exits_2_and_keeps_what_is_there(tmp_path, half_training, whole_training,
@@ -1482,7 +1538,7 @@ def test_a_full_disk_during_a_search_exits_2_and_the_same_command_goes_on(tmp_pa
     # The log's write names no file, as on a real full disk. Only the wiring is tested: cells are scored by
     # fake_accuracy, not trained, and the predictor is a cheap one.
     monkeypatch.setattr(data, "splits_for", lambda cfg, needed: None)
-    monkeypatch.setattr(autometa, "make_scorer", lambda cfg, splits, device: lambda cell, trial=0, fresh=False: dict(
+    monkeypatch.setattr(scoring, "make_scorer", lambda cfg, splits, device: lambda cell, trial=0, fresh=False: dict(
         accuracy=fake_accuracy(cell), ci95=0.01, params=scoring.parameters(cfg, cell)))
     predictor = pnas.Predictor
     monkeypatch.setattr(pnas, "Predictor", lambda ops, seed: predictor(ops, members=1, epochs=20))
@@ -1491,7 +1547,7 @@ def test_a_full_disk_during_a_search_exits_2_and_the_same_command_goes_on(tmp_pa
     def append_until_full(log, record):
         if len(log.records) == 2:
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        append(log, record)
+        return append(log, record)
     monkeypatch.setattr(pnas.SearchLog, "append", append_until_full)
     out = tmp_path / "run"
     assert autometa.main(["--search", "--out", str(out), *TINY]) == 2
@@ -1743,7 +1799,7 @@ def test_draw_command_draws_builtins_inline_json_and_files_and_rejects_bad_cells
 def test_search_writes_its_report_after_every_level(tmp_path, monkeypatch):
     # Only the wiring is tested here: cells are scored by fake_accuracy, not trained (the end-to-end test trains).
     monkeypatch.setattr(data, "splits_for", lambda cfg, needed: None)
-    monkeypatch.setattr(autometa, "make_scorer", lambda cfg, splits, device: lambda cell, trial=0, fresh=False: dict(
+    monkeypatch.setattr(scoring, "make_scorer", lambda cfg, splits, device: lambda cell, trial=0, fresh=False: dict(
         accuracy=fake_accuracy(cell), ci95=0.01, params=100 * len(cell)))
     out, levels, write = str(tmp_path / "run"), [], report.write_report
 

@@ -12,6 +12,7 @@ import torch
 import cells
 import data
 import maml
+import pnas
 import report
 import speedups
 from config import ConfigError, config_dict, train_out
@@ -109,7 +110,7 @@ class Trainer:
     def state(self):
         """Everything needed to resume training or to evaluate without the original flags."""
         return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "iteration": self.iteration, "config": config_dict(self.cfg), "arch": cells.arch_name(self.arch),
+                "iteration": self.iteration, "config": config_dict(self.cfg), "arch": json.dumps(self.arch),
                 "history": self.history, "best": self.best, "sampler_rng": self.sampler.rng.bit_generator.state,
                 "torch_rng": torch.get_rng_state()}
 
@@ -176,16 +177,20 @@ class Trainer:
 
 def train(cfg, arch, splits, device):
     """Meta-train `arch` into cfg.out, resuming from cfg.out/last.pt when it exists; returns the Trainer."""
-    trainer = Trainer(cfg, arch, splits, device)
     last = os.path.join(cfg.out, "last.pt")
-    if os.path.exists(last):
-        state = load_checkpoint(last)
-        if state["arch"] != cells.arch_name(arch):
-            raise ConfigError(f"{cfg.out} holds training of another architecture: pass a new --out to start fresh")
+    state = load_checkpoint(last) if os.path.exists(last) else None
+    if state is not None:
+        saved = cells.load_arch(state["arch"])
+        if pnas.cell_key(saved) != pnas.cell_key(arch):
+            raise ConfigError(f"{cfg.out} holds training of another architecture ({state['arch']}): pass a new --out "
+                              "to start fresh")
+        arch = saved  # the same network, written as when its weights were named
+    trainer = Trainer(cfg, arch, splits, device)
+    if state is not None:
         trainer.restore(state)
         print(f"resuming from {last} at iteration {trainer.iteration}")
     trainer.trim_log()
-    print(f"train: {cells.arch_name(arch)}, {cells.count_parameters(trainer.model)} parameters, {cfg.ways}-way "
+    print(f"train: {json.dumps(arch)}, {cells.count_parameters(trainer.model)} parameters, {cfg.ways}-way "
           f"{cfg.shots}-shot on {cfg.data}, {cfg.train_iters} meta-iterations, device {device}")
     trainer.run()
     return trainer
