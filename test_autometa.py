@@ -1640,7 +1640,7 @@ def test_train_and_draw_read_every_form_of_an_architecture(tmp_path, monkeypatch
         with one_thread():
             assert autometa.main(["--train", arch, "--train-iters", "1", "--val-every", "1", *TRAIN]) == 0
         state = torch.load(tmp_path / "runs" / out / "last.pt", weights_only=True)
-        assert cells.load_arch(state["arch"]) == cells.load_arch(arch)
+        assert cells.load_arch(state["arch"]) == pnas.canonical(cells.load_arch(arch))  # its one spelling
         for _ in range(2):  # drawn anew over an older picture
             assert autometa.main(["--draw", arch, "--out", f"{out}.png"]) == 0
         assert_picture(tmp_path / f"{out}.png")
@@ -1688,7 +1688,8 @@ def fake_log(levels=3):
                           (3, [0.61, 0.57, 0.66])][:levels]:
         for k, accuracy in enumerate(accuracies):
             predicted = None if b == 1 else accuracy if b == 2 else 1 - accuracy
-            records.append(dict(level=b, cell=random_cell(rng, b), blocks=b, accuracy=accuracy,
+            records.append(dict(level=b, cell=random_cell(rng, b), blocks=b, role="first" if b == 1 else "beam",
+                                accuracy=accuracy,
                                 ci95=None if accuracy is None else 0.04, params=1000 * b + k, seconds=30.0,
                                 predicted=None if predicted is None else round(predicted, 4),
                                 status="ok" if accuracy is not None else "diverged"))
