@@ -182,6 +182,7 @@ print(pnas.best(log.records.values())["blocks"])
 """
 
 
+@pytest.mark.slow
 def test_maml_and_pnas_work_when_copied_alone_into_another_project(tmp_path):
     for name in ("maml.py", "pnas.py"):
         (tmp_path / name).write_text(open(os.path.join(HERE, name)).read())
@@ -415,6 +416,7 @@ def known_score(cell):
                  + np.mean([(-0.01, 0.01, 0.02)[min(i, 2)] for i, op in halves if op != "none"]))
 
 
+@pytest.mark.slow
 def test_predictor_fit_on_one_block_cells_ranks_their_deeper_children():
     ops = list(cells.OPS)
     level1 = pnas.expand((), ops)
@@ -441,6 +443,7 @@ def pair_score(cell):
     return float(np.mean([block(*b) for b in cell]))
 
 
+@pytest.mark.slow
 def test_predictor_fit_on_one_block_cells_ranks_children_by_the_op_pairs_of_their_blocks():
     ops = list(cells.OPS)
     level1 = pnas.expand((), ops)
@@ -498,6 +501,7 @@ def read_lines(path):
     return [json.loads(line) for line in open(path)]
 
 
+@pytest.mark.slow
 def test_search_logs_every_candidate_finds_a_good_cell_and_resumes_without_rescoring(tmp_path):
     best = run_fake_search(tmp_path)
     log = read_lines(tmp_path / "search.jsonl")
@@ -513,6 +517,7 @@ def test_search_logs_every_candidate_finds_a_good_cell_and_resumes_without_resco
     assert len(read_lines(tmp_path / "search.jsonl")) == 16
 
 
+@pytest.mark.slow
 def test_search_drops_a_partial_last_line_and_finishes_the_same(tmp_path):
     full = run_fake_search(tmp_path / "a")
     lines = (tmp_path / "a" / "search.jsonl").read_text().splitlines(keepends=True)
@@ -523,6 +528,7 @@ def test_search_drops_a_partial_last_line_and_finishes_the_same(tmp_path):
     assert len(again) == 16 and len({json.dumps(r["cell"]) for r in again}) == 16
 
 
+@pytest.mark.slow
 def test_diverged_and_failed_candidates_are_logged_and_the_search_goes_on(tmp_path):
     def score(cell):
         if cell[-1][1] == "max_pool_3x3":  # scoring.make_scorer reports a maml.Diverged so
@@ -537,6 +543,7 @@ def test_diverged_and_failed_candidates_are_logged_and_the_search_goes_on(tmp_pa
     assert failed[0]["error"] == "MemoryError: CUDA out of memory. Tried to allocate"
 
 
+@pytest.mark.slow
 def test_probes_and_the_random_sampler_score_what_they_say(tmp_path):
     run_fake_search(tmp_path / "p", probes=2, blocks=3)
     log = read_lines(tmp_path / "p" / "search.jsonl")
@@ -624,6 +631,7 @@ def test_one_rule_names_the_best_cell_and_says_whether_it_beat_conv4():
     assert pnas.best([dict(r, status="failed") for r in tie]) is None
 
 
+@pytest.mark.slow
 def test_a_parameter_budget_keeps_every_child_over_it_from_being_ranked_or_scored(tmp_path):
     budget, count = 640, functools.partial(cells.parameter_count, n_way=5, image_size=28, channels=4)
     watched = WatchedPredictor(cells.OPS, members=1, epochs=20)
@@ -971,6 +979,7 @@ TINY = ["--blocks", "2", "--beam", "2", "--max-first", "3", "--meta-iters", "3",
         "--channels", "4", "--probe", "1", "--noise", "1", "--rescore", "2", "--rescore-seeds", "1"]
 
 
+@pytest.mark.slow
 def test_tiny_search_end_to_end_writes_a_valid_log_and_resumes_without_retraining(tmp_path, capsys):
     out, budget = str(tmp_path / "run"), ["--max-params", "700"]
     count = functools.partial(cells.parameter_count, n_way=5, image_size=28, channels=4)
@@ -1026,6 +1035,7 @@ def test_candidate_scores_do_not_depend_on_search_order():
     assert score(((0, "identity", 1, "conv_3x3"),)) == first  # the same cell, halves swapped
 
 
+@pytest.mark.slow
 def test_inspect_prints_one_line_per_split(tmp_path, capsys):
     result = cli("--inspect")
     assert result.returncode == 0
@@ -1037,6 +1047,7 @@ def test_inspect_prints_one_line_per_split(tmp_path, capsys):
     assert capsys.readouterr().out.splitlines()[0] == "train: 3 classes, 13 images, 16x16"
 
 
+@pytest.mark.slow
 def test_synthetic_data_is_learnable_by_maml():
     torch.manual_seed(0)
     splits = data.synthetic_splits(28, 0)
@@ -1068,6 +1079,7 @@ def test_bad_input_exits_2_with_one_sentence(tmp_path, capsys, args, words):
     assert not (tmp_path / "out" / "search.jsonl").exists()
 
 
+@pytest.mark.slow
 def test_unknown_layout_and_changed_config_exit_2_and_keep_the_log(tmp_path, capsys, one_worker):
     (tmp_path / "junk").mkdir()
     (tmp_path / "junk" / "notes.txt").write_text("hello")
@@ -1126,6 +1138,7 @@ TRAIN = ["--ways", "3", "--queries", "2", "--val-episodes", "4", "--eval-episode
          "--log-every", "1", "--channels", "4"]
 
 
+@pytest.mark.slow
 def test_resumed_training_equals_uninterrupted_training(tmp_path, capsys):
     arch = str(tmp_path / "cell.json")
     open(arch, "w").write(json.dumps([[1, "conv_3x3", 0, "max_pool_3x3"]]))
@@ -1144,6 +1157,7 @@ def test_resumed_training_equals_uninterrupted_training(tmp_path, capsys):
     assert [r["loss"] for r in rows] == [r["loss"] for r in read_lines(os.path.join(whole, "train.jsonl"))]
 
 
+@pytest.mark.slow
 def test_eval_is_deterministic_and_needs_only_the_checkpoint(tmp_path):
     out = str(tmp_path / "run")
     with one_thread():
@@ -1160,6 +1174,7 @@ def test_eval_is_deterministic_and_needs_only_the_checkpoint(tmp_path):
     assert first.stdout.splitlines()[1].startswith("test accuracy: ") and "(95% CI, 6 episodes)" in first.stdout
 
 
+@pytest.mark.slow
 def test_train_on_several_seeds_and_eval_their_folder(tmp_path, capsys):
     out = str(tmp_path / "seeds")
     with one_thread():
@@ -1181,6 +1196,7 @@ def test_train_on_several_seeds_and_eval_their_folder(tmp_path, capsys):
     assert "--seeds" in err and len(err.strip().splitlines()) == 1 and not (tmp_path / "bad" / "seed-0").exists()
 
 
+@pytest.mark.slow
 def test_missing_or_corrupt_checkpoint_exits_2(tmp_path, capsys):
     result = cli("--eval", str(tmp_path / "nothing.pt"))  # once as a user would, in a process of its own
     assert result.returncode == 2 and "does not exist" in result.stderr and len(result.stderr.splitlines()) == 1
@@ -1276,6 +1292,7 @@ def left_behind(out):
 @pytest.mark.parametrize("workers, how, status", [("1", signal.SIGINT, 130), ("2", signal.SIGTERM, 143),
                                                   ("2", signal.SIGKILL, -9), ("torchrun", signal.SIGINT, None)],
                          ids=["ctrl-c-one-process", "sigterm-two-workers", "rank-0-killed", "ctrl-c-torchrun"])
+@pytest.mark.slow
 def test_a_stopped_search_says_so_in_one_line_leaves_no_process_and_resumes_to_the_same_log(
         tmp_path, one_worker, workers, how, status):
     out = tmp_path / "run"
@@ -1305,6 +1322,7 @@ def test_a_stopped_search_says_so_in_one_line_leaves_no_process_and_resumes_to_t
     assert_same_search(out, one_worker)
 
 
+@pytest.mark.slow
 def test_a_stopped_train_checkpoint_eval_and_bench_end_in_one_line(tmp_path, capsys, whole_training):
     out = tmp_path / "run"
     with open(tmp_path / "stderr", "w") as stderr:  # stopped halfway through writing its second last.pt
@@ -1489,6 +1507,7 @@ def assert_same_training(out, whole):
     assert rows[0] == rows[1]
 
 
+@pytest.mark.slow
 def test_train_resumes_a_folder_given_the_same_network_in_another_spelling_and_refuses_another_network(
         tmp_path, half_training, whole_training, capsys):
     # train_args writes CELL with its block's two inputs in the non-canonical order; the checkpoint keeps the
@@ -1513,6 +1532,7 @@ def test_train_resumes_a_folder_given_the_same_network_in_another_spelling_and_r
 
 @pytest.mark.parametrize("kind, words", [("denied", "permission denied"), ("read-only", "the file system is read-only"),
                                          ("full", "no space left on the device")])
+@pytest.mark.slow
 def test_unwritable_out_or_cache_dir_exits_2_and_keeps_what_is_there(tmp_path, half_training, whole_training,
                                                                        kind, words):
     src, disk = tmp_path / "src", tmp_path / "disk"
@@ -1534,6 +1554,7 @@ def test_unwritable_out_or_cache_dir_exits_2_and_keeps_what_is_there(tmp_path, h
     assert_same_training(tmp_path / "after" / "run", whole_training)
 
 
+@pytest.mark.slow
 def test_a_full_disk_during_a_search_exits_2_and_the_same_command_goes_on(tmp_path, monkeypatch, capsys):
     # The log's write names no file, as on a real full disk. Only the wiring is tested: cells are scored by
     # fake_accuracy, not trained, and the predictor is a cheap one.
@@ -1604,6 +1625,7 @@ sys.exit(autometa.main(sys.argv[3:]))
 @pytest.mark.parametrize("point, at, last", [("row", 2, None), ("row", 4, 3), ("best.pt", 1, None), ("last.pt", 2, 3)],
                          ids=["before-any-checkpoint", "between-checkpoints", "mid-first-checkpoint",
                               "mid-last-checkpoint"])
+@pytest.mark.slow
 def test_train_killed_anywhere_holds_its_folder_till_then_and_resumes_to_the_same_weights(
         tmp_path, capsys, whole_training, point, at, last):
     out = tmp_path / "run"
@@ -1630,6 +1652,7 @@ def test_train_killed_anywhere_holds_its_folder_till_then_and_resumes_to_the_sam
     assert not [name for name in os.listdir(out) if name.endswith(files.PARTIAL)]
 
 
+@pytest.mark.slow
 def test_train_and_draw_read_every_form_of_an_architecture(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)  # where --train's default --out, runs/train-NAME, goes
     (tmp_path / "mine.json").write_text(json.dumps([[0, "identity", 1, "conv_3x3"]]))
@@ -1797,6 +1820,7 @@ def test_draw_command_draws_builtins_inline_json_and_files_and_rejects_bad_cells
     assert not (tmp_path / "d.png").exists()
 
 
+@pytest.mark.slow
 def test_search_writes_its_report_after_every_level(tmp_path, monkeypatch):
     # Only the wiring is tested here: cells are scored by fake_accuracy, not trained (the end-to-end test trains).
     monkeypatch.setattr(data, "splits_for", lambda cfg, needed: None)
@@ -1871,6 +1895,7 @@ def one_process(tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_two_ranks_log_what_one_process_logs_and_a_faster_rank_takes_more(tmp_path, one_process):
     result = torchrun_fake(tmp_path, slow=4)
     assert result.returncode == 0, result.stderr
@@ -1881,6 +1906,7 @@ def test_two_ranks_log_what_one_process_logs_and_a_faster_rank_takes_more(tmp_pa
     assert 16 > by_rank0 > 16 / 2  # both worked, and the rank 4 times faster scored more than its half
 
 
+@pytest.mark.slow
 def test_a_crashed_rank_fails_the_job_and_a_rerun_resumes_from_the_log(tmp_path, one_process):
     started = time.time()
     crashed = torchrun_fake(tmp_path, crash_after=3)
@@ -1895,6 +1921,7 @@ def test_a_crashed_rank_fails_the_job_and_a_rerun_resumes_from_the_log(tmp_path,
     assert results(tmp_path / "search.jsonl") == results(one_process / "search.jsonl")
 
 
+@pytest.mark.slow
 def test_a_hung_rank_fails_the_job_after_wait_minutes_with_a_clear_message(tmp_path):
     hung = torchrun_fake(tmp_path, stall_after=2, minutes=0.05)
     assert hung.returncode != 0
@@ -1920,6 +1947,7 @@ def assert_same_search(out, reference):
         {k: best[0][k] for k in ("cell", "accuracy", "ci95", "rescore")}] * 2
 
 
+@pytest.mark.slow
 def test_tiny_search_under_torchrun_matches_one_process(tmp_path, one_worker):
     # Scores on a CPU depend on the thread count: a search fixes it (--threads, 1), whatever OMP_NUM_THREADS says.
     with files.hold(str(tmp_path / "two")):  # while another run (this process) holds --out, rank 0 refuses it
@@ -1932,6 +1960,7 @@ def test_tiny_search_under_torchrun_matches_one_process(tmp_path, one_worker):
     assert "shared among 2 processes (torchrun)" in shared.stdout and shared.stdout.count("[level") == 4 + 3
 
 
+@pytest.mark.slow
 def test_tiny_search_with_two_workers_matches_one_worker(tmp_path, one_worker):
     shared = cli("--search", "--out", str(tmp_path / "two"), *TINY, "--workers", "2")
     assert shared.returncode == 0, shared.stderr
@@ -2315,6 +2344,7 @@ def trained_tiny_network(arch, seed=0):
     return model, data.fixed_episodes(splits["val"], 5, 1, 5, 12, seed=0, batch=2)
 
 
+@pytest.mark.slow
 def test_batched_evaluation_gives_the_accuracies_of_one_episode_at_a_time():
     model, episodes = trained_tiny_network(cells.AUTOMETA_CELL[:2])
     params = dict(model.named_parameters())
@@ -2351,6 +2381,7 @@ def test_speedups_batch_evaluation_of_small_networks_on_a_cpu_and_fall_back_wher
         assert torch.equal(a, b)
 
 
+@pytest.mark.slow
 def test_bench_runs_end_to_end_on_a_tiny_setting():
     result = cli("--bench", "--image-size", "16", "--queries", "1", "--meta-batch", "1", "--channels", "8",
                  "--reductions", "1", "--eval-episodes", "4", "--meta-iters", "3")
@@ -2378,6 +2409,7 @@ def test_bench_runs_end_to_end_on_a_tiny_setting():
     assert workers == 1 or rates[-1].startswith(f"  {workers} workers (the default here): ")
 
 
+@pytest.mark.slow
 def test_bench_of_one_workload_times_only_that_one():
     result = cli("--bench", "conv4", "--image-size", "16", "--queries", "1", "--meta-batch", "1", "--channels", "4")
     assert result.returncode == 0, result.stderr
@@ -2402,6 +2434,7 @@ print(min(faults[1:]))  # the quietest pass after the first
 """
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="mallopt is glibc's")
 def test_reused_memory_stops_the_page_faults_of_each_forward_pass():
     faults = {}
