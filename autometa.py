@@ -11,10 +11,12 @@ Commands (see README.md for the figures they produce):
     python autometa.py --search --workers 1           # one candidate at a time (default: one per CPU core)
     torchrun --nproc_per_node=4 autometa.py --search  # the same search, candidates shared by 4 processes
     python autometa.py --bench conv4 --preset paper   # seconds per meta-step, with and without fastcpu.py
+    python autometa.py --bench objective --out runs/objective  # how well the search's objective ranks cells
 
 Settings live in `config.Config`; a preset fills it and every flag overrides one field. What the
 commands run lives in modules named for it: scoring.py (a candidate's score), pnas.py (the search),
-training.py (--train, --eval), team.py (--workers, torchrun), bench.py (--bench), report.py and drawing.py (pictures).
+training.py (--train, --eval), team.py (--workers, torchrun), bench.py (--bench), fidelity.py (--bench
+objective), report.py and drawing.py (pictures).
 """
 import stops  # the standard library alone: in place before torch loads, so that a stop then is one line too
 
@@ -54,7 +56,8 @@ def make_parser():
     mode.add_argument("--draw", metavar="ARCH", help="draw a cell (same forms as --train) to the PNG file --out")
     mode.add_argument("--bench", nargs="?", const="all", choices=BENCH_WORKLOADS,
                       help="time the meta-step with and without the speed-ups (conv4, cell), candidates per minute "
-                      "(search), the loop against batched where only launches count (overhead), or all (default)")
+                      "(search), the loop against batched where only launches count (overhead), or all (default); "
+                      "objective: the search's objective against training on a fixed panel of cells (fidelity.py)")
     p.add_argument("--preset", choices=sorted(PRESETS), default=None, help="settings to start from (default: tiny)")
     for f in dataclasses.fields(Config):
         text = flag_help(f)
@@ -235,11 +238,17 @@ def run_draw(arch_text, path):
     print(f"wrote {path}")
 
 
-def run_bench(cfg, which):
-    """The --bench command: the workloads of docs/speed.md under this config (bench.py)."""
+def run_bench(cfg, which, preset):
+    """The --bench command: the workloads of docs/speed.md under this config (bench.py), or the objective's
+    fidelity (fidelity.py)."""
+    device = pick_device(cfg.device)
+    if which == "objective":
+        import fidelity
+
+        fidelity.run(cfg, preset, data.splits_for(cfg), device)
+        return
     import bench
 
-    device = pick_device(cfg.device)
     bench.run(cfg, data.splits_for(cfg, ("train", "val")), device, which)
 
 
@@ -291,7 +300,7 @@ def run(args):
         elif args.draw is not None:
             run_draw(args.draw, args.out)
         elif args.bench is not None:
-            run_bench(cfg, args.bench)
+            run_bench(cfg, args.bench, args.preset)
     except stops.Stopped as e:  # where the results are, for main's one line
         if args.search:
             e.where = f"every result so far is in {cfg.out}/search.jsonl: rerun the same command to resume"

@@ -11,7 +11,7 @@ import data
 from files import write_json
 
 ALL_OPS = tuple(cells.OPS)
-BENCH_WORKLOADS = ("all", "conv4", "cell", "search", "overhead")  # --bench; docs/speed.md
+BENCH_WORKLOADS = ("all", "conv4", "cell", "search", "overhead", "objective")  # --bench; docs/speed.md, fidelity.py
 
 
 # Which runs a setting leaves alone: a resumed --search (SEARCH) or --train (TRAIN) may differ in it.
@@ -48,6 +48,9 @@ class Config:
     cells: int = setting(1, "cells per stage of the network")
     channels: int = setting(32, "channels of the stem and of every cell (32: conv4's)")
     reductions: int = setting(2, "2x2 max-pools between stages, as conv4's (2: conv4's 3 stages)")
+    draws: str = setting("own", "how a candidate's training draws are seeded: 'common' (every candidate of a search "
+                         "the same task stream and initial weights: common random numbers) or 'own' (from its cell)",
+                         free=TRAIN)
     meta_iters: int = setting(60, "meta-iterations per search candidate", free=TRAIN)
     train_iters: int = setting(300, "meta-iterations of --train", free=ANY)
     seeds: str = setting("", "--train: training seeds, e.g. 0,1,2: one run each in OUT/seed-N ('': --seed)",
@@ -133,6 +136,8 @@ def check_config(cfg):
     if unknown or not cfg.ops:
         raise ConfigError(f"--ops names unknown op(s) {', '.join(unknown) or '(none given)'}: choose from "
                           f"{', '.join(cells.OPS)}")
+    if cfg.draws not in ("common", "own"):
+        raise ConfigError(f"--draws is {cfg.draws!r}: use common or own")
     if cfg.sampler not in ("predictor", "random"):
         raise ConfigError(f"--sampler is {cfg.sampler!r}: use predictor or random")
     if cfg.ways < 2:

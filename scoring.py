@@ -31,12 +31,31 @@ def within_budget(cfg):
 FRESH_EPISODES = 3  # seed offset of the validation episodes that re-score the best cells (--train uses 1 and 2)
 
 
-def candidate_seed(seed, cell, trial=0):
-    """A seed from (global seed, network, trial): a candidate's score never depends on search order.
-    Trial 0 is the search's own score; a re-score with other training seeds takes trials 1, 2, ..."""
-    name = f"{seed}:{pnas.cell_key(cell)}" + (f":{trial}" if trial else "")
+def candidate_seed(seed, cell, trial=0, draws="common"):
+    """A candidate's training seed. With common draws (common random numbers) it comes from (global seed,
+    trial) alone, so every cell of a search meta-trains on the same task stream from the same initial
+    draws, and two cells' scores differ by their ops rather than by their luck; with draws "own", from
+    (global seed, network, trial). Either way a score never depends on search order or workers. Trial 0
+    is the search's own score; a re-score with other training seeds takes trials 1, 2, ..."""
+    name = f"{seed}" + (f":{pnas.cell_key(cell)}" if draws == "own" else "") + (f":{trial}" if trial else "")
+    return stable_seed(name)
+
+
+def stable_seed(name):
+    """A 31-bit seed from a string, the same in every process and Python version."""
     digest = hashlib.sha256(name.encode()).digest()
     return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
+
+
+def draw_weights(model, seed):
+    """Draw each layer's initial weights from (seed, the layer's name) alone, so that two networks of one
+    seed start from the same weights wherever their layers coincide (the stem, a shared op, the head when
+    its width is the same), whatever else they hold."""
+    for name, module in model.named_modules():
+        if next(module.parameters(recurse=False), None) is not None and hasattr(module, "reset_parameters"):
+            torch.manual_seed(stable_seed(f"{seed}:{name}"))
+            module.reset_parameters()
+    torch.manual_seed(seed)
 
 
 def make_scorer(cfg, splits, device):
@@ -44,7 +63,7 @@ def make_scorer(cfg, splits, device):
     when training blew up. `cell` is canonical (pnas.canonical), as every cell of the search is: its
     listing fixes the order in which the network's weights are drawn.
 
-    Every candidate is meta-trained from its own seed for cfg.meta_iters iterations on training
+    Every candidate is meta-trained from its seed (candidate_seed) for cfg.meta_iters iterations on training
     episodes, then adapted and tested on the same cfg.eval_episodes validation episodes (with
     fresh=True: other validation episodes, the same for every cell, to re-score the best ones).
     On a GPU, an error that leaves it unusable raises pnas.SearchError, which ends the search.
@@ -56,7 +75,7 @@ def make_scorer(cfg, splits, device):
     search_episodes, fresh_episodes = episodes(0), episodes(FRESH_EPISODES)
 
     def score(cell, trial=0, fresh=False):
-        seed = candidate_seed(cfg.seed, cell, trial)
+        seed = candidate_seed(cfg.seed, cell, trial, cfg.draws)
         if device.type == "cuda":
             torch.cuda.empty_cache()  # start clean: no blocks cached by an earlier candidate, which may have run out
         try:
@@ -74,7 +93,10 @@ def make_scorer(cfg, splits, device):
 def train_and_score(cfg, splits, device, cell, seed, episodes):
     """Meta-train a fresh network of `cell` from `seed`, then score it on `episodes` (see make_scorer)."""
     torch.manual_seed(seed)
-    model = build_model(cfg, cell).to(device)
+    model = build_model(cfg, cell)
+    if cfg.draws == "common":
+        draw_weights(model, seed)
+    model = model.to(device)
     sampler = data.EpisodeSampler(splits["train"], cfg.ways, cfg.shots, cfg.queries, seed)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.meta_lr)
     try:
@@ -86,7 +108,7 @@ def train_and_score(cfg, splits, device, cell, seed, episodes):
     except maml.Diverged as e:
         return dict(accuracy=None, ci95=None, status="diverged", error=str(e), seed=seed)
     return {"accuracy": round(accuracy, 5), "ci95": round(ci95, 5), "params": cells.count_parameters(model),
-            "seed": seed}
+            "seed": seed, "meta_iters": cfg.meta_iters}
 
 
 def gpu_lost(device):

@@ -8,6 +8,7 @@ import json
 import os
 import pickle
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -28,6 +29,7 @@ import autometa
 import cells
 import config
 import data
+import fidelity
 from data import DataError, EpisodeSampler, Split, check_split, describe, fixed_episodes, load_splits
 import maml
 import pnas
@@ -1033,6 +1035,89 @@ def test_candidate_scores_do_not_depend_on_search_order():
     score(b)
     assert score(a) == first
     assert score(((0, "identity", 1, "conv_3x3"),)) == first  # the same cell, halves swapped
+
+
+def test_common_draws_give_every_cell_the_same_task_stream_episodes_and_shared_initial_weights(monkeypatch):
+    cfg = config.Config(ways=3, shots=1, queries=2, channels=4, meta_iters=2, eval_episodes=3, meta_batch=1,
+                        image_size=28, draws="common")
+    splits = data.synthetic_splits(28, 0)
+    conv4, chain = cells.CONV4_CELL, ((1, "conv_3x3", 1, "none"), (2, "conv_3x3", 2, "none"))
+    assert scoring.candidate_seed(0, conv4, 0, "common") == scoring.candidate_seed(0, chain, 0, "common")
+    assert scoring.candidate_seed(0, conv4, 1, "common") != scoring.candidate_seed(0, conv4, 0, "common")
+    assert scoring.candidate_seed(0, conv4, 0, "own") != scoring.candidate_seed(0, chain, 0, "own")
+    seen = {}  # cell -> (its first weights, every task batch it meta-trained on, every episode it was scored on)
+
+    def meta_train(model, optimizer, sample, iterations, *args, **kwargs):
+        seen[cell] = [{k: v.detach().clone() for k, v in model.named_parameters()},
+                      [sample() for _ in range(iterations)], None]
+
+    def evaluate(model, params, episodes, *args):
+        seen[cell][2] = list(episodes)
+        return 0.5, 0.1
+
+    monkeypatch.setattr(maml, "meta_train", meta_train)
+    monkeypatch.setattr(maml, "evaluate", evaluate)
+    score = scoring.make_scorer(cfg, splits, torch.device("cpu"))
+    for cell in (conv4, chain):
+        score(cell)
+    (w4, tasks4, episodes4), (w2, tasks2, episodes2) = seen[conv4], seen[chain]
+    for a, b in itertools.chain(zip(tasks4, tasks2), zip(episodes4, episodes2)):
+        assert all(torch.equal(x, y) for x, y in zip(a, b))  # the same images, labels and class order
+    shared = [name for name in w4 if name in w2 and w4[name].shape == w2[name].shape]
+    assert {"stem.0.weight", "cells.0.ops.0.1.weight", "classifier.weight"} <= set(shared)
+    assert all(torch.equal(w4[name], w2[name]) for name in shared)  # the stem, the first op, the head
+    assert not torch.equal(w2["cells.0.ops.1.1.weight"], w2["cells.0.ops.0.1.weight"])  # each layer its own draw
+    # drawn as torch draws a fresh layer: the same distribution (kaiming uniform), bound sqrt(1 / fan_in)
+    assert w4["stem.0.weight"].abs().max() <= (1 / 27) ** 0.5
+    cfg.draws, cell = "own", conv4
+    score(cell)
+    assert not torch.equal(seen[conv4][0]["stem.0.weight"], w4["stem.0.weight"])
+    assert not all(torch.equal(x, y) for x, y in zip(seen[conv4][1][0], tasks4[0]))
+
+
+def test_fidelity_figures_against_hand_computed_ones():
+    trained = {"a": [0.9, 0.8], "b": [0.7, 0.7], "c": [0.5, 0.6], "d": [0.2, 0.3]}
+    same = {"a": [0.6, 0.5, 0.7], "b": [0.5, 0.4, 0.6], "c": [0.4, 0.3, 0.5], "d": [0.3, 0.2, 0.4]}
+    f = fidelity.fidelity(same, trained)
+    assert f["spearman_one_seed"] == [1.0, 1.0, 1.0] and f["spearman_mean_of_seeds"] == 1.0
+    assert f["seeds_agreement"] == 1.0 and f["first_objective"] == f["first_trained"] == "a"
+    # trial 1 swaps a and b, trial 2 ranks them all backwards: Spearman 1 - 6 * sum(d^2) / (n (n^2 - 1))
+    mixed = {"a": [0.6, 0.4, 0.1], "b": [0.5, 0.5, 0.2], "c": [0.4, 0.3, 0.3], "d": [0.3, 0.2, 0.4]}
+    f = fidelity.fidelity(mixed, trained)
+    assert f["spearman_one_seed"] == [1.0, pytest.approx(1 - 6 * 2 / 60), -1.0]
+    assert f["seeds_agreement"] == pytest.approx(((1 - 6 * 2 / 60) - 1 + -(1 - 6 * 2 / 60)) / 3, abs=1e-3)
+    assert f["first_objective"] == "b" and f["first_trained"] == "a"  # means 0.367 against 0.4 for b
+
+
+@pytest.mark.slow
+def test_bench_objective_trains_the_panel_once_as_eval_tests_it_and_scores_it_with_three_seeds(
+        tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(fidelity, "PANEL", {name: fidelity.PANEL[name] for name in ("conv4", "chain", "sep")})
+    monkeypatch.setattr(fidelity, "TEST_EPISODES", 4)
+    out = tmp_path / "objective"
+    args = ["--bench", "objective", "--out", str(out), "--ways", "3", "--queries", "2", "--channels", "4",
+            "--meta-iters", "2", "--eval-episodes", "3", "--train-iters", "2", "--val-every", "1",
+            "--val-episodes", "2", "--meta-batch", "1"]
+    with one_thread():
+        assert autometa.main(args) == 0
+    printed = capsys.readouterr().out
+    assert "Spearman, objective vs trained: one seed" in printed and "s per score (9 scores)" in printed
+    trained = json.loads((out / "trained.json").read_text())["cells"]
+    assert set(trained) == {"conv4", "chain", "sep"}
+    with one_thread():  # the panel's test accuracies are what --eval says of its checkpoints
+        assert autometa.main(["--eval", str(out / "train-chain"), "--eval-episodes", "4"]) == 0
+    said = [float(x) / 100 for x in re.findall(r"test accuracy: ([\d.]+)%", capsys.readouterr().out)]
+    assert said == pytest.approx(trained["chain"]["test"], abs=5e-5)
+    row = json.loads((out / "objective.jsonl").read_text())
+    assert row["draws"] == "own" and len(row["objective"]["sep"]) == 3 and row["trained"]["sep"] == trained["sep"]["test"]
+    monkeypatch.setattr(fidelity.training, "train", None)  # a second run, with another objective, trains nothing
+    with one_thread():
+        assert autometa.main(args + ["--meta-iters", "3"]) == 0
+    rows = [json.loads(line) for line in (out / "objective.jsonl").read_text().splitlines()]
+    assert [r["meta_iters"] for r in rows] == [2, 3] and rows[1]["trained"] == rows[0]["trained"]
+    capsys.readouterr()
+    assert autometa.main(args + ["--channels", "6"]) == 2  # a panel trained with other settings
+    assert "holds a panel trained with other settings (channels)" in capsys.readouterr().err
 
 
 @pytest.mark.slow
