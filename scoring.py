@@ -1,6 +1,8 @@
 """The search's objective: meta-train a candidate cell from scratch with MAML, then score it by its
 few-shot accuracy on fixed validation episodes."""
 import hashlib
+import io
+import os
 
 import torch
 
@@ -9,6 +11,7 @@ import data
 import maml
 import pnas
 import speedups
+from files import atomic_write
 
 
 def build_model(cfg, arch):
@@ -58,14 +61,17 @@ def draw_weights(model, seed):
     torch.manual_seed(seed)
 
 
-def make_scorer(cfg, splits, device):
-    """score(cell, trial=0, fresh=False) -> {"accuracy", "ci95", "params", "seed"}, or status "diverged"
-    when training blew up. `cell` is canonical (pnas.canonical), as every cell of the search is: its
-    listing fixes the order in which the network's weights are drawn.
+def make_scorer(cfg, splits, device, keep=None):
+    """score(cell, trial=0, fresh=False, meta_iters=None) -> {"accuracy", "ci95", "params", "seed",
+    "meta_iters"}, or status "diverged" when training blew up. `cell` is canonical (pnas.canonical), as
+    every cell of the search is: its listing fixes the order in which the network's weights are drawn.
 
-    Every candidate is meta-trained from its seed (candidate_seed) for cfg.meta_iters iterations on training
-    episodes, then adapted and tested on the same cfg.eval_episodes validation episodes (with
-    fresh=True: other validation episodes, the same for every cell, to re-score the best ones).
+    Every candidate is meta-trained from its seed (candidate_seed) for `meta_iters` (default
+    cfg.meta_iters: the objective's fidelity) iterations on training episodes, then adapted and tested on
+    the same cfg.eval_episodes validation episodes (with fresh=True: other validation episodes, the same
+    for every cell, to re-score the best ones). With `keep`, a folder, each candidate's training state is
+    kept there once scored, and a later score of the same cell and trial at more meta-iterations trains on
+    from it rather than from scratch: successive halving's promotion, with the same result either way.
     On a GPU, an error that leaves it unusable raises pnas.SearchError, which ends the search.
     """
     def episodes(offset):
@@ -74,12 +80,14 @@ def make_scorer(cfg, splits, device):
 
     search_episodes, fresh_episodes = episodes(0), episodes(FRESH_EPISODES)
 
-    def score(cell, trial=0, fresh=False):
+    def score(cell, trial=0, fresh=False, meta_iters=None):
         seed = candidate_seed(cfg.seed, cell, trial, cfg.draws)
+        state = None if keep is None else os.path.join(keep, f"{seed}-{stable_seed(pnas.cell_key(cell)):08x}.pt")
         if device.type == "cuda":
             torch.cuda.empty_cache()  # start clean: no blocks cached by an earlier candidate, which may have run out
         try:
-            return train_and_score(cfg, splits, device, cell, seed, fresh_episodes if fresh else search_episodes)
+            return train_and_score(cfg, splits, device, cell, seed, fresh_episodes if fresh else search_episodes,
+                                   meta_iters or cfg.meta_iters, state)
         except Exception as e:
             if device.type == "cuda" and not isinstance(e, torch.OutOfMemoryError) and gpu_lost(device):
                 raise pnas.SearchError(f"{device} hit a CUDA error that leaves it unusable in this process "
@@ -90,8 +98,10 @@ def make_scorer(cfg, splits, device):
     return score
 
 
-def train_and_score(cfg, splits, device, cell, seed, episodes):
-    """Meta-train a fresh network of `cell` from `seed`, then score it on `episodes` (see make_scorer)."""
+def train_and_score(cfg, splits, device, cell, seed, episodes, meta_iters, state=None):
+    """Meta-train a network of `cell` from `seed` for `meta_iters` iterations, then score it on `episodes`
+    (see make_scorer). `state`: a file to train on from, when it holds fewer iterations, and to keep the
+    training in afterwards."""
     torch.manual_seed(seed)
     model = build_model(cfg, cell)
     if cfg.draws == "common":
@@ -99,16 +109,42 @@ def train_and_score(cfg, splits, device, cell, seed, episodes):
     model = model.to(device)
     sampler = data.EpisodeSampler(splits["train"], cfg.ways, cfg.shots, cfg.queries, seed)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.meta_lr)
+    start = restore(state, model, optimizer, sampler, meta_iters) if state else 0
     try:
         fast = speedups.choose(model, cfg.first_order, cfg.eval_batch)
-        maml.meta_train(model, optimizer, lambda: fast.layout(sampler.sample(cfg.meta_batch)), cfg.meta_iters,
-                        cfg.inner_steps, cfg.inner_lr, cfg.first_order, meta_loss=fast.meta_loss)
+        maml.meta_train(model, optimizer, lambda: fast.layout(sampler.sample(cfg.meta_batch)), meta_iters,
+                        cfg.inner_steps, cfg.inner_lr, cfg.first_order, start=start, meta_loss=fast.meta_loss)
+        if state:
+            save(state, model, optimizer, sampler, meta_iters)
         accuracy, ci95 = maml.evaluate(model, dict(model.named_parameters()), map(fast.layout, episodes),
                                        cfg.test_steps, cfg.inner_lr, fast.per_episode)
     except maml.Diverged as e:
-        return dict(accuracy=None, ci95=None, status="diverged", error=str(e), seed=seed)
+        return dict(accuracy=None, ci95=None, status="diverged", error=str(e), seed=seed, meta_iters=meta_iters)
     return {"accuracy": round(accuracy, 5), "ci95": round(ci95, 5), "params": cells.count_parameters(model),
-            "seed": seed, "meta_iters": cfg.meta_iters}
+            "seed": seed, "meta_iters": meta_iters}
+
+
+def restore(path, model, optimizer, sampler, meta_iters):
+    """Load a candidate's kept training (weights, optimizer, task stream) from `path` when it holds at most
+    `meta_iters` iterations; returns the iteration to go on from (0: none kept, or more than asked)."""
+    if not os.path.exists(path):
+        return 0
+    state = torch.load(path, map_location=next(model.parameters()).device, weights_only=True)
+    if state["iteration"] > meta_iters:
+        return 0
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    sampler.rng.bit_generator.state = state["sampler"]
+    return state["iteration"]
+
+
+def save(path, model, optimizer, sampler, iteration):
+    """Keep a candidate's training at `iteration` in `path`, written atomically."""
+    buffer = io.BytesIO()
+    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "sampler": sampler.rng.bit_generator.state, "iteration": iteration}, buffer)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    atomic_write(path, lambda f: f.write(buffer.getbuffer()))
 
 
 def gpu_lost(device):

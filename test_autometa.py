@@ -1075,6 +1075,37 @@ def test_common_draws_give_every_cell_the_same_task_stream_episodes_and_shared_i
     assert not all(torch.equal(x, y) for x, y in zip(seen[conv4][1][0], tasks4[0]))
 
 
+def test_a_candidate_trained_on_from_its_kept_state_ends_as_one_trained_that_long_from_the_start(tmp_path, monkeypatch):
+    cfg = config.Config(ways=3, shots=1, queries=2, channels=4, meta_iters=2, eval_episodes=3, meta_batch=2,
+                        image_size=28, draws="common")
+    splits, cell = data.synthetic_splits(28, 0), ((1, "conv_3x3", 1, "sep_conv_3x3"),)
+    calls, meta_train = [], maml.meta_train
+
+    def watched(model, optimizer, sample, iterations, *args, start=0, **kwargs):
+        calls.append((start, iterations))
+        return meta_train(model, optimizer, sample, iterations, *args, start=start, **kwargs)
+
+    monkeypatch.setattr(maml, "meta_train", watched)
+    halving = scoring.make_scorer(cfg, splits, torch.device("cpu"), keep=str(tmp_path / "halving"))
+    whole = scoring.make_scorer(cfg, splits, torch.device("cpu"), keep=str(tmp_path / "whole"))
+    with one_thread():
+        low = halving(cell, meta_iters=2)
+        high = halving(cell, meta_iters=5)   # trained on from iteration 2
+        straight = whole(cell, meta_iters=5)  # from scratch
+        again = halving(cell, meta_iters=3)   # fewer than kept: from scratch, as asked
+    assert calls == [(0, 2), (2, 5), (0, 5), (0, 3)]
+    assert low["meta_iters"] == 2 and high["meta_iters"] == 5 and high == straight and again["meta_iters"] == 3
+    kept = [torch.load(next((tmp_path / name).iterdir()), weights_only=True) for name in ("halving", "whole")]
+    assert kept[0]["iteration"] == 3 and kept[1]["iteration"] == 5
+    with one_thread():
+        halving(cell, meta_iters=5)
+    kept[0] = torch.load(next((tmp_path / "halving").iterdir()), weights_only=True)
+    for name, weight in kept[1]["model"].items():  # the same weights, bit for bit, and the same Adam moments
+        assert torch.equal(kept[0]["model"][name], weight), name
+    assert all(torch.equal(a["exp_avg"], b["exp_avg"]) for a, b in zip(kept[0]["optimizer"]["state"].values(),
+                                                                           kept[1]["optimizer"]["state"].values()))
+
+
 def test_fidelity_figures_against_hand_computed_ones():
     trained = {"a": [0.9, 0.8], "b": [0.7, 0.7], "c": [0.5, 0.6], "d": [0.2, 0.3]}
     same = {"a": [0.6, 0.5, 0.7], "b": [0.5, 0.4, 0.6], "c": [0.4, 0.3, 0.5], "d": [0.3, 0.2, 0.4]}
@@ -1087,6 +1118,10 @@ def test_fidelity_figures_against_hand_computed_ones():
     assert f["spearman_one_seed"] == [1.0, pytest.approx(1 - 6 * 2 / 60), -1.0]
     assert f["seeds_agreement"] == pytest.approx(((1 - 6 * 2 / 60) - 1 + -(1 - 6 * 2 / 60)) / 3, abs=1e-3)
     assert f["first_objective"] == "b" and f["first_trained"] == "a"  # means 0.367 against 0.4 for b
+    assert "close" not in f  # no conv4 to be close to
+    f = fidelity.fidelity(dict(mixed, conv4=[0.35, 0.45, 0.25]), dict(trained, conv4=[0.64, 0.64]))
+    assert f["close"]["cells"] == ["a", "b", "c", "conv4"]  # d trains 39 points below conv4, c 9
+    assert f["close"]["spearman_one_seed"][0] == pytest.approx(1 - 6 * 2 / 60)  # a b c conv4, against a b conv4 c
 
 
 @pytest.mark.slow
@@ -1101,7 +1136,7 @@ def test_bench_objective_trains_the_panel_once_as_eval_tests_it_and_scores_it_wi
     with one_thread():
         assert autometa.main(args) == 0
     printed = capsys.readouterr().out
-    assert "Spearman, objective vs trained: one seed" in printed and "s per score (9 scores)" in printed
+    assert "all cells: Spearman, objective vs trained: one seed" in printed and "s per score (9 scores)" in printed
     trained = json.loads((out / "trained.json").read_text())["cells"]
     assert set(trained) == {"conv4", "chain", "sep"}
     with one_thread():  # the panel's test accuracies are what --eval says of its checkpoints
