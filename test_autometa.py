@@ -2140,10 +2140,10 @@ def test_out_of_memory_fails_one_candidate_and_a_lost_gpu_stops_the_search(monke
     expected = scoring.make_scorer(cfg, splits, torch.device("cpu"))(b)
     errors, lost, train = [], [], scoring.train_and_score
 
-    def on_a_made_up_gpu(cfg, splits, device, cell, seed, episodes):  # trains on the CPU, fails when told to
+    def on_a_made_up_gpu(cfg, splits, device, cell, *args):  # trains on the CPU, fails when told to
         if errors:
             raise errors.pop()
-        return train(cfg, splits, torch.device("cpu"), cell, seed, episodes)
+        return train(cfg, splits, torch.device("cpu"), cell, *args)
 
     monkeypatch.setattr(scoring, "train_and_score", on_a_made_up_gpu)
     monkeypatch.setattr(scoring, "gpu_lost", lambda device: bool(lost))
