@@ -43,13 +43,15 @@ class Config:
     noise: int = setting(4, "level-1 cells scored again with another seed, for the seed noise floor", free=TRAIN)
     rescore: int = setting(3, "best cells scored again on fresh episodes with new seeds; the best of these wins",
                            free=TRAIN)
-    rescore_seeds: int = setting(2, "new training seeds of each of those re-scores", free=TRAIN)
+    rescore_seeds: int = setting(3, "new training seeds of each of those re-scores: the best by their mean wins",
+                                 free=TRAIN)
     max_params: int = setting(0, "children with more parameters are neither ranked nor scored (0: no budget)")
     cells: int = setting(1, "cells per stage of the network")
     channels: int = setting(32, "channels of the stem and of every cell (32: conv4's)")
     reductions: int = setting(2, "2x2 max-pools between stages, as conv4's (2: conv4's 3 stages)")
-    draws: str = setting("own", "how a candidate's training draws are seeded: 'common' (every candidate of a search "
-                         "the same task stream and initial weights: common random numbers) or 'own' (from its cell)",
+    draws: str = setting("common", "how a candidate's training draws are seeded: 'common' (every candidate of a "
+                         "search the same task stream and initial weights: common random numbers) or 'own' (from "
+                         "its cell, as before)",
                          free=TRAIN)
     meta_iters: int = setting(60, "meta-iterations per search candidate", free=TRAIN)
     train_iters: int = setting(300, "meta-iterations of --train", free=ANY)

@@ -1031,10 +1031,11 @@ def test_candidate_scores_do_not_depend_on_search_order():
     splits = data.synthetic_splits(28, 0)
     score = scoring.make_scorer(cfg, splits, torch.device("cpu"))
     a, b = ((1, "conv_3x3", 0, "identity"),), ((0, "max_pool_3x3", 1, "avg_pool_3x3"),)
-    first = score(a)
-    score(b)
-    assert score(a) == first
-    assert score(((0, "identity", 1, "conv_3x3"),)) == first  # the same cell, halves swapped
+    first = score(pnas.canonical(a))
+    score(pnas.canonical(b))
+    assert score(pnas.canonical(a)) == first
+    # the same cell, halves swapped: one network, one spelling inside the search, one score
+    assert score(pnas.canonical(((0, "identity", 1, "conv_3x3"),))) == first
 
 
 def test_common_draws_give_every_cell_the_same_task_stream_episodes_and_shared_initial_weights(monkeypatch):
@@ -1106,6 +1107,19 @@ def test_a_candidate_trained_on_from_its_kept_state_ends_as_one_trained_that_lon
                                                                            kept[1]["optimizer"]["state"].values()))
 
 
+def test_a_search_folder_of_the_objective_before_common_draws_is_refused_in_one_sentence(tmp_path):
+    cfg = config.make_config({"out": str(tmp_path)})
+    config.check_resume(cfg)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    del saved["draws"]  # as written before --draws existed: each candidate drew its own tasks and weights
+    write_json(str(tmp_path / "config.json"), saved)
+    kept = (tmp_path / "config.json").read_text()
+    with pytest.raises(config.ConfigError, match=r"was written by an earlier autometa, which had no draws setting\(s\): "
+                                                 r"pass a new --out to search with this version$"):
+        config.check_resume(cfg)
+    assert (tmp_path / "config.json").read_text() == kept
+
+
 def test_fidelity_figures_against_hand_computed_ones():
     trained = {"a": [0.9, 0.8], "b": [0.7, 0.7], "c": [0.5, 0.6], "d": [0.2, 0.3]}
     same = {"a": [0.6, 0.5, 0.7], "b": [0.5, 0.4, 0.6], "c": [0.4, 0.3, 0.5], "d": [0.3, 0.2, 0.4]}
@@ -1144,7 +1158,7 @@ def test_bench_objective_trains_the_panel_once_as_eval_tests_it_and_scores_it_wi
     said = [float(x) / 100 for x in re.findall(r"test accuracy: ([\d.]+)%", capsys.readouterr().out)]
     assert said == pytest.approx(trained["chain"]["test"], abs=5e-5)
     row = json.loads((out / "objective.jsonl").read_text())
-    assert row["draws"] == "own" and len(row["objective"]["sep"]) == 3 and row["trained"]["sep"] == trained["sep"]["test"]
+    assert row["draws"] == "common" and len(row["objective"]["sep"]) == 3 and row["trained"]["sep"] == trained["sep"]["test"]
     monkeypatch.setattr(fidelity.training, "train", None)  # a second run, with another objective, trains nothing
     with one_thread():
         assert autometa.main(args + ["--meta-iters", "3"]) == 0
