@@ -361,11 +361,12 @@ def rescores(records):
 
 
 def summary(rows):
-    """The mean accuracy of some scores of one cell, the 95% CI of that mean, and their training seeds."""
+    """The mean accuracy of some scores of one cell, the 95% CI of that mean, and each score with its
+    trial (training seed number)."""
     cis = [x.get("ci95") for x in rows]  # a score may come without one
     return {"accuracy": round(float(np.mean([x["accuracy"] for x in rows])), 5),
             "ci95": None if None in cis else round(float(np.sqrt(sum(c ** 2 for c in cis))) / len(rows), 5),
-            "seeds": [x.get("seed") for x in rows]}
+            "seeds": [x.get("seed") for x in rows], "scores": {x.get("trial", 0): x["accuracy"] for x in rows}}
 
 
 def best(records):

@@ -8,6 +8,7 @@ Everything is derived from the log records of search.jsonl (see pnas.search) and
 """
 import json
 import math
+import statistics
 import os
 
 from PIL import Image, ImageDraw
@@ -258,8 +259,23 @@ def against_baseline(best, records):
     if cell_key(best["cell"]) == cell_key(conv4["cell"]):
         return line + " The best cell is conv4 itself: no searched cell beat it."
     if again:
-        return line + f" The best cell, re-scored on the same episodes, {against_conv4(best['rescore']['accuracy'], again['accuracy'])}."
+        return (line + f" The best cell, re-scored on the same episodes, "
+                f"{against_conv4(best['rescore']['accuracy'], again['accuracy'])}{separation(best['rescore'], again)}.")
     return line + f" The best cell, in the search, {against_conv4(best['accuracy'], conv4['accuracy'])}."
+
+
+def separation(best, conv4):
+    """Whether the best cell's re-scores separate it from conv4's, trial by trial (the same training seeds
+    and episodes with common draws): the mean gap against twice its standard error over the trials."""
+    trials = sorted(set(best["scores"]) & set(conv4["scores"]))
+    gaps = [100 * (best["scores"][t] - conv4["scores"][t]) for t in trials]
+    if len(gaps) < 2:
+        return ", on one re-score, which cannot separate it from conv4"
+    mean, error = statistics.mean(gaps), statistics.stdev(gaps) / math.sqrt(len(gaps))
+    if abs(mean) > 2 * error:
+        return f" (gap {mean:+.2f} ± {error:.2f} over {len(gaps)} re-scores: separated from conv4)"
+    return (f"; over {len(gaps)} re-scores the gap is {mean:+.2f} ± {error:.2f} points (± one standard error), which "
+            "does not separate it from conv4")
 
 
 def against_conv4(best, conv4):

@@ -619,10 +619,20 @@ def test_one_rule_names_the_best_cell_and_says_whether_it_beat_conv4():
     again = [record(a, 0.60, "rescore", trial=1), record(b, 0.75, "rescore", trial=1),
              record(conv4, 0.72, "rescore", trial=1)]
     best = pnas.best(searched + again)  # the re-score decides, not the search's own score
-    assert best["cell"] == b and best["rescore"] == {"accuracy": 0.75, "ci95": 0.01, "seeds": [0]}
+    assert best["cell"] == b and best["rescore"] == {"accuracy": 0.75, "ci95": 0.01, "seeds": [0], "scores": {1: 0.75}}
     assert report.against_baseline(best, searched + again) == (
         "conv4 in this space: 70.00% ± 1.00% in the search, re-scored 72.00% (1 parameters). The best cell, "
-        "re-scored on the same episodes, beat it by 3.00 points.")
+        "re-scored on the same episodes, beat it by 3.00 points, on one re-score, which cannot separate it from conv4.")
+    # three re-scores each: the gap of each trial, its mean and standard error, by hand
+    trials = [record(c, x, "rescore", trial=t) for t, row in enumerate([(0.80, 0.70), (0.84, 0.80), (0.79, 0.71)], 1)
+              for c, x in zip((b, conv4), row)]
+    # gaps 10, 4, 8 points: mean 7.33, standard deviation 3.06, standard error 1.76: 7.33 > 2 x 1.76
+    assert report.against_baseline(pnas.best(searched + trials), searched + trials).endswith(
+        "beat it by 7.33 points (gap +7.33 ± 1.76 over 3 re-scores: separated from conv4).")
+    trials[3]["accuracy"] = 0.90  # trial 2: conv4 6 points above, gaps 10, -6, 8: mean 4.00, error 5.03
+    assert report.against_baseline(pnas.best(searched + trials), searched + trials).endswith(
+        "beat it by 4.00 points; over 3 re-scores the gap is +4.00 ± 5.03 points (± one standard error), which does "
+        "not separate it from conv4.")
     # every re-score of a cell failed: its own search score stands for it, among the re-scored cells only
     failed = [dict(again[0], status="failed", accuracy=None), again[1], again[2]]
     best = pnas.best(searched + failed)
@@ -1014,7 +1024,8 @@ def test_tiny_search_end_to_end_writes_a_valid_log_and_resumes_without_retrainin
     verdict = first.stdout.splitlines()[-2]
     assert f"re-scored {100 * conv4['accuracy']:.2f}%" in verdict and verdict.endswith(
         "The best cell is conv4 itself: no searched cell beat it." if best["cell"] == conv4["cell"] else
-        f"re-scored on the same episodes, beat it by {100 * (best['rescore']['accuracy'] - conv4['accuracy']):.2f} points.")
+        f"re-scored on the same episodes, beat it by {100 * (best['rescore']['accuracy'] - conv4['accuracy']):.2f} points, "
+        "on one re-score, which cannot separate it from conv4.")
     assert verdict in open(os.path.join(out, "report.md")).read()  # one verdict, in both places
     report_md = open(os.path.join(out, "report.md")).read()
     assert "re-scored" in report_md and f"conv4 in this space: {100 * log[[r['role'] for r in log].index('baseline')]['accuracy']:.2f}%" in report_md
