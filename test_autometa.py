@@ -2526,6 +2526,30 @@ def test_speedups_batch_evaluation_of_small_networks_on_a_cpu_and_fall_back_wher
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("first_order", [False, True])
+@pytest.mark.parametrize("arch, channels_last", [(cells.CONV4_CELL, True), (cells.AUTOMETA_CELL[:3], True),
+                                                 (cells.AUTOMETA_CELL, False)],  # its 1x1 projections: plain layout
+                         ids=["conv4", "autometa-3-blocks", "autometa"])
+def test_the_meta_loss_production_runs_has_maml_meta_loss_gradients(arch, channels_last, first_order):
+    # Reference: maml.meta_loss on the task batch as sampled, against speedups.choose's layout and meta-loss
+    # (what training.py, scoring.py and bench.py hand to maml.meta_train), in float64.
+    torch.manual_seed(0)
+    model = cells.build_network(arch, 3, 28, channels=4).double()
+    tasks = image_tasks(28, tasks=2, dtype=torch.float64)
+    fast = speedups.choose(model, first_order)
+    batch = fast.layout(tasks)
+    assert (not batch[2][0].is_contiguous()) == channels_last  # the layout production gets here
+    results = []
+    for meta_loss, given in ((fast.meta_loss, batch), (maml.meta_loss, tasks)):
+        params = dict(model.named_parameters())
+        loss, accuracy = meta_loss(model, params, given, 2, 0.1, first_order)
+        results.append((loss, accuracy, torch.autograd.grad(loss, list(params.values()))))
+    (loss, accuracy, grads), (ref_loss, ref_accuracy, ref_grads) = results
+    assert abs(loss.item() - ref_loss.item()) < 1e-12 and accuracy == ref_accuracy
+    assert max((g - r).abs().max().item() for g, r in zip(grads, ref_grads)) < 1e-12
+    assert max(r.abs().max().item() for r in ref_grads) > 0.1  # a real gradient, not zeros
+
+
 @pytest.mark.slow
 def test_bench_runs_end_to_end_on_a_tiny_setting():
     result = cli("--bench", "--image-size", "16", "--queries", "1", "--meta-batch", "1", "--channels", "8",
