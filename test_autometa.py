@@ -160,12 +160,23 @@ def test_meta_step_raises_diverged_on_nan():
         maml.meta_step(model, torch.optim.SGD(model.parameters(), 0.1), (xs * float("nan"), ys, xq, yq), 1, 0.1)
 
 
-@pytest.mark.parametrize("arch", [cells.CONV4_CELL, cells.AUTOMETA_CELL], ids=["conv4", "autometa"])
-def test_functional_forward_equals_module_forward(arch):
+def test_functional_call_on_a_dict_of_weights_gives_conv4_written_by_hand_with_those_weights():
+    # Reference: MAML's conv4 with torch.nn.functional ops (4 x conv, BatchNorm on the batch, ReLU, 2x2 max-pool,
+    # then linear) on the dict's weights, which are not the module's own.
     torch.manual_seed(0)
-    model = cells.build_network(arch, 5, 28, channels=4)
-    x = torch.rand(6, 3, 28, 28)
-    assert torch.allclose(functional_call(model, dict(model.named_parameters()), (x,)), model(x), atol=1e-6)
+    model = cells.build_network(cells.CONV4_CELL, 5, 28, channels=4).double()
+    params = {name: torch.randn_like(p) for name, p in model.named_parameters()}  # BatchNorm's affine too
+    w = list(params.values())  # per layer: conv weight, BatchNorm weight and bias; then the linear's
+    x = torch.rand(6, 3, 28, 28, dtype=torch.float64)
+    h = x
+    for k in range(4):
+        h = F.conv2d(h, w[3 * k], padding=1)
+        h = F.batch_norm(h, None, None, w[3 * k + 1], w[3 * k + 2], training=True)
+        h = F.max_pool2d(F.relu(h), 2)
+    logits = F.linear(h.flatten(1), w[12], w[13])
+    assert [tuple(t.shape) for t in w[12:]] == [(5, 4), (5,)]  # 28 px pooled 4 times: 1x1 of 4 channels
+    assert torch.allclose(functional_call(model, params, (x,)), logits, rtol=0, atol=1e-10)
+    assert not torch.allclose(model(x), logits, atol=1e-3)  # the module's own weights give other logits
 
 
 COPIED_ALONE = """
