@@ -12,6 +12,7 @@ import re
 import shutil
 import signal
 import subprocess
+import statistics
 import sys
 import tempfile
 import time
@@ -145,12 +146,33 @@ def test_first_order_equals_detached_reference_and_differs_from_second_order():
     assert max((a - b).abs().max().item() for a, b in zip(first, second)) > 1e-4
 
 
-def test_adapt_with_zero_steps_returns_the_same_weights_and_evaluate_reports_ci():
+def test_adapt_with_zero_steps_returns_the_same_weights():
     model = TinyNet().double()
     params = dict(model.named_parameters())
     assert maml.adapt(model, params, None, None, 0, 0.1) is params
-    mean, ci = maml.evaluate(model, params, [tiny_tasks(4)], steps=1, lr=0.1)
-    assert 0 <= mean <= 1 and ci >= 0
+
+
+def test_evaluate_reports_the_mean_and_196_population_stds_over_root_n_of_the_episode_accuracies():
+    # Reference: by hand, accuracies 0.2, 0.4, 0.4, 1.0 have mean 0.5 and population std
+    # sqrt((0.09 + 0.01 + 0.01 + 0.25) / 4) = 0.3, so the interval is 1.96 * 0.3 / sqrt(4) = 0.294
+    # (the sample std, sqrt(0.36 / 3), would give 0.3395).
+    model, episodes, calls = TinyNet().double(), [tiny_tasks(4)], []
+    params = dict(model.named_parameters())
+
+    def per_episode(*args):
+        calls.append(args)
+        return [0.2, 0.4, 0.4, 1.0]
+
+    mean, ci = maml.evaluate(model, params, episodes, 3, 0.25, per_episode=per_episode)
+    assert mean == pytest.approx(0.5, abs=1e-12) and ci == pytest.approx(0.294, abs=1e-12)
+    assert calls == [(model, params, episodes, 3, 0.25)]
+    assert maml.evaluate(model, params, episodes, 3, 0.25, per_episode=lambda *a: [0.6]) == (0.6, 0.0)
+    # by default, over maml.episode_accuracies, here from the statistics module
+    accuracies = maml.episode_accuracies(model, params, episodes, 1, 0.1)
+    assert len(accuracies) == 4 and len(set(accuracies)) > 1
+    mean, ci = maml.evaluate(model, params, episodes, 1, 0.1)
+    assert mean == pytest.approx(statistics.fmean(accuracies), abs=1e-12)
+    assert ci == pytest.approx(1.96 * statistics.pstdev(accuracies) / 2, abs=1e-12)
 
 
 def test_meta_step_raises_diverged_on_nan():
