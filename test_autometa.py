@@ -1907,14 +1907,81 @@ def assert_picture(path, size=None):
     assert len(image.getcolors(1 << 20)) > 20
 
 
+def regions(image, colors, least=100):
+    """Colour -> how many 4-connected regions of at least `least` pixels of exactly that colour the picture has."""
+    rgb = np.asarray(image.convert("RGB")).astype(np.int32)
+    packed = rgb[..., 0] << 16 | rgb[..., 1] << 8 | rgb[..., 2]
+    return {color: regions_of(packed == (color[0] << 16 | color[1] << 8 | color[2]), least) for color in colors}
+
+
+def regions_of(mask, least):
+    """How many 4-connected regions of at least `least` pixels `mask` has, from its runs on each row, joined
+    where runs of consecutive rows overlap."""
+    steps = np.diff(np.pad(mask, ((0, 0), (1, 1))).astype(np.int8), axis=1)
+    runs = [(y, a, b) for (y, a), (_, b) in zip(np.argwhere(steps == 1).tolist(), np.argwhere(steps == -1).tolist())]
+    parent, size = list(range(len(runs))), [b - a for _, a, b in runs]  # union-find over the runs (columns a..b-1)
+
+    def root(k):
+        while parent[k] != k:
+            k = parent[k]
+        return k
+    first = 0  # the first run of the row above the current one
+    for k, (y, a, b) in enumerate(runs):
+        while runs[first][0] < y - 1:
+            first += 1
+        for j in range(first, k):
+            if runs[j][0] == y - 1 and runs[j][1] < b and a < runs[j][2]:  # touching runs of consecutive rows
+                i, m = root(j), root(k)
+                if i != m:
+                    parent[m], size[i] = i, size[i] + size[m]
+    # anti-aliased text may hit a box's colour on a few pixels
+    return sum(parent[k] == k and size[k] >= least for k in range(len(runs)))
+
+
+def op_boxes(cell):
+    """Fill colour -> how many op boxes of that colour the cell's picture should have: one per op that is not none."""
+    counts = {}
+    for block in cell:
+        for op in block[1::2]:
+            if op != "none":
+                counts[drawing.OP_FILL[op]] = counts.get(drawing.OP_FILL[op], 0) + 1
+    return counts
+
+
+def red_rows(path, box=(95, 130, 640, 470)):
+    """The rows of the panel `box` of report.png with pixels of drawing.RED, and how many red dashes the row with most has."""
+    left, top, right, bottom = box
+    red = np.all(np.asarray(Image.open(path).convert("RGB"))[top + 1:bottom, left:right + 1] == drawing.RED, axis=2)
+    rows = sorted(top + 1 + y for y in set(np.nonzero(red)[0].tolist()))
+    dashes = max((int((np.diff(row.astype(int)) == 1).sum()) for row in red), default=0)  # white-to-red steps
+    return rows, dashes
+
+
 def test_write_report_writes_pictures_and_a_markdown_summary(tmp_path):
-    records = fake_log()
+    conv4 = dict(level=1, cell=[list(b) for b in cells.CONV4_CELL], blocks=1, role="baseline", accuracy=0.45,
+                 ci95=0.04, params=900, seconds=30.0, predicted=None, status="ok")
+    records = [conv4] + fake_log()  # conv4 scored first, as a search does
     report.write_report(str(tmp_path), records, REPORT_CONFIG)
     assert_picture(tmp_path / "report.png", report.SEARCH_SIZE)
-    assert_picture(tmp_path / "best_cell.png")
+    # conv4's dashed red line at its score, by hand: scores 0.29-0.66 with CIs of 0.04 and chance 0.2 span
+    # 25-70%, widened by 3% and rounded to ticks of 10: the axis runs 10-80% over pixel rows 470 (bottom) to 130,
+    # so 45% lies at row 470 - (45 - 10) / 70 * 340 = 300, and a 2-pixel line covers rows 300-301.
+    rows, dashes = red_rows(tmp_path / "report.png")
+    assert rows == [300, 301] and dashes > 20  # a dash of 8 pixels every 16 across the 545-pixel panel
+    report.draw_search(fake_log(), tmp_path / "no_conv4.png", chance=0.2)
+    assert red_rows(tmp_path / "no_conv4.png") == ([], 0)
+    # best_cell.png: the best cell by hand (66%, the last of level 3) drawn with its title, pixel for pixel
+    best = records[-1]
+    drawing.draw_cell(best["cell"], tmp_path / "direct.png", "best cell: 66.00% ± 4.00% (level 3, 3,002 parameters)")
+    picture = Image.open(tmp_path / "best_cell.png").convert("RGB")
+    assert np.array_equal(np.asarray(picture), np.asarray(Image.open(tmp_path / "direct.png").convert("RGB")))
+    # and it shows that cell's ops, by hand from its blocks [max_pool, identity], [max_pool, avg_pool],
+    # [conv_1x5_5x1, none]: 3 pool boxes, 1 identity box, 1 convolution box (a none half has none)
+    assert regions(picture, set(drawing.OP_FILL.values())) == {
+        drawing.OP_FILL["max_pool_3x3"]: 3, drawing.OP_FILL["identity"]: 1, drawing.OP_FILL["conv_1x5_5x1"]: 1,
+        drawing.OP_FILL["sep_conv_3x3"]: 0}
     md = (tmp_path / "report.md").read_text()
     assert "![" in md and "(report.png)" in md and "(best_cell.png)" in md
-    best = records[-1]  # 66% at level 3
     rank1 = next(line for line in md.split("## Best cells")[1].split("\n") if line.startswith("| 1 |"))
     assert json.dumps(best["cell"]) in rank1
     assert "66.00% ± 4.00%" in md and "3,002" in md
@@ -1976,6 +2043,9 @@ def test_draw_cell_builtins_and_random_cells_put_every_box_in_its_own_place(tmp_
                 assert layout.box_top(node, 0) == top + drawing.CAPTION_H + (
                     0 if len(halves) == 2 else (drawing.BOX_H + drawing.BOX_GAP) / 2)  # one op: its box centred
                 assert image.getpixel((int(x) + 4, int(y))) == drawing.OP_FILL[op]
+        # one box per op that is not none, and no other: a 3-block cell's picture is not a 2-block one's
+        assert regions(image, set(drawing.OP_FILL.values())) == {
+            color: op_boxes(cell).get(color, 0) for color in set(drawing.OP_FILL.values())}
 
 
 def test_draw_command_draws_builtins_inline_json_and_files_and_rejects_bad_cells(tmp_path, capsys):
