@@ -27,6 +27,7 @@ import argparse  # noqa: E402 (after the handlers)
 import dataclasses
 import json
 import os
+import shutil
 import statistics
 import sys
 import threading
@@ -107,7 +108,7 @@ def search(cfg, device, job=None):
 def search_here(cfg, device, job):
     """The search itself, with --out held: levels, noise floor, re-scores, best.json and the report."""
     import report
-    from scoring import make_scorer, within_budget
+    from scoring import candidates_dir, make_scorer, within_budget
 
     check_resume(cfg)
     splits = data.splits_for(cfg, ("train", "val"))
@@ -117,19 +118,24 @@ def search_here(cfg, device, job):
     print(f"search: {cfg.blocks} blocks, beam {cfg.beam} ({cfg.sampler}) + {cfg.probe} probes, {cfg.ways}-way "
           f"{cfg.shots}-shot on {cfg.data} ({cfg.image_size}x{cfg.image_size}), {cfg.meta_iters} meta-iterations "
           f"per candidate, device {device}")
-    start, first = time.time(), pnas.first_level(cfg.ops, cfg.max_first, cfg.seed)
+    screen = candidates_dir(cfg) is not None  # level 1: every 1-block cell screened, the best max_first go on
+    start, first = time.time(), pnas.first_level(cfg.ops, 0 if screen else cfg.max_first, cfg.seed)
     baseline = (cells.CONV4_CELL,)  # MAML's conv4 is a cell of this space: every search scores it
     log = pnas.SearchLog(os.path.join(cfg.out, "search.jsonl"))
     check_networks(cfg, log)
-    score = make_scorer(cfg, splits, device)
+    score = make_scorer(cfg, splits, device, keep=candidates_dir(cfg))
     # how the candidates are scored: here one after another, or shared among the team's processes
     shared = dict(score_cells=pnas.score_each if job is None else job.score_all,
                   progress=pnas.Progress(cfg.blocks, cfg.beam + cfg.probe, cfg.noise + (cfg.rescore + 1) * cfg.rescore_seeds,
                                          workers=1 if job is None else job.size))
-    ops = tuple(dict.fromkeys(cfg.ops + tuple(op for block in baseline for op in block[1::2])))  # the predictor's
+    # the predictor's ops: the search's and the baseline's (conv4's "none", say, when --ops leaves it out)
+    ops = tuple(dict.fromkeys(cfg.ops + tuple(op for cell in baseline for block in cell for op in block[1::2])))
     measured = pnas.search(score, log, cfg.blocks, cfg.beam, cfg.ops, first, pnas.Predictor(ops, seed=cfg.seed),
                            cfg.probe, cfg.sampler, cfg.seed, baseline, within_budget(cfg), **shared,
-                           on_level=lambda b, records: report.write_report(cfg.out, records, config_dict(cfg)))
+                           on_level=lambda b, records: report.write_report(cfg.out, records, config_dict(cfg)),
+                           screen=(cfg.max_first, {"meta_iters": cfg.screen_iters}) if screen else None)
+    if screen:  # the screened cells' training, kept to train on from: level 1 is done with it
+        shutil.rmtree(candidates_dir(cfg), ignore_errors=True)
     best = check_best(cfg, log, score, measured, shared)
     if job is not None:
         job.dismiss()

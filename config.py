@@ -35,8 +35,11 @@ class Config:
     blocks: int = setting(3, "B, the most blocks a cell gets", free=TRAIN)
     beam: int = setting(5, "cells scored per level after the first", free=TRAIN)
     ops: tuple = setting(ALL_OPS, "comma-separated op names the search may use", free=TRAIN)
-    max_first: int = setting(12, "score a seeded sample of this many 1-block cells (0: all 119), and conv4's",
-                             free=TRAIN)
+    max_first: int = setting(12, "level 1 scores this many 1-block cells (0: all 119), and conv4: the best of the "
+                             "screen, or a seeded sample without one", free=TRAIN)
+    screen_iters: int = setting(20, "level 1's screen: every 1-block cell meta-trains this many iterations first, "
+                                "and the best --max-first train on to --meta-iters (0, or not below --meta-iters: "
+                                "no screen)", free=TRAIN)
     sampler: str = setting("predictor", "how each level's beam is chosen: 'predictor' (PNAS) or 'random' (the baseline)",
                            free=TRAIN)
     probe: int = setting(2, "children drawn at random and scored beside each beam, to test the predictor", free=TRAIN)
@@ -127,8 +130,8 @@ def check_config(cfg):
                  "rescore_seeds"):
         if getattr(cfg, name) <= 0:
             raise ConfigError(f"--{name.replace('_', '-')} is {getattr(cfg, name)}: it must be a positive integer")
-    for name in ("max_params", "reductions", "inner_steps", "test_steps", "max_first", "probe", "noise", "rescore", "workers",
-                 "threads", "eval_batch"):
+    for name in ("max_params", "reductions", "inner_steps", "test_steps", "max_first", "screen_iters", "probe", "noise",
+                 "rescore", "workers", "threads", "eval_batch"):
         if getattr(cfg, name) < 0:
             raise ConfigError(f"--{name.replace('_', '-')} is {getattr(cfg, name)}: it must be 0 or more")
     for name in ("inner_lr", "meta_lr", "wait_minutes"):

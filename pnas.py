@@ -30,12 +30,13 @@ import torch.nn as nn
 
 
 # What each row of the log is. The first four are the search's own scores, one per network; the
-# last two score one of its cells again, with another training seed.
+# last three score a cell apart from them: at a cheaper fidelity, or again with another training seed.
 ROLES = {
     "first": "a 1-block cell of level 1",
     "baseline": "a hand design scored at level 1 whatever the sample (conv4)",
     "beam": "a child the predictor (or the random sampler) chose",
     "probe": "a child drawn at random beside the beam, to measure the predictor",
+    "screen": "a 1-block cell at a cheaper fidelity, to choose the level-1 cells the search scores",
     "noise": "a level-1 cell again on the same episodes: the seed noise floor",
     "rescore": "a best cell again on fresh episodes: the de-biased best",
 }
@@ -239,7 +240,7 @@ def spearman(a, b):
 # ---------------------------------------------------------------------------- the search
 
 def search(score, log, blocks, beam, ops, first_cells, predictor, probes=0, sampler="predictor", seed=0,
-           baseline=(), allowed=None, score_cells=None, progress=None, on_level=None):
+           baseline=(), allowed=None, score_cells=None, progress=None, on_level=None, screen=None):
     """PNAS's progressive search (Algorithm 1); returns the log records of every cell it measured, in order.
 
     `score(cell)` -> {"accuracy", ...}; `log` is a SearchLog, which stores each result as it arrives,
@@ -252,13 +253,22 @@ def search(score, log, blocks, beam, ops, first_cells, predictor, probes=0, samp
     say); the baseline is scored regardless. `score_cells(score, cells)` scores a list of cells
     (default score_each, one after another here; a team's, in several processes), `progress` prints
     (a Progress), and `on_level(b, records)` runs after each level with every record of the log.
+    `screen=(keep, options)`: successive halving at level 1. Every cell of `first_cells` is scored first
+    by score(cell, **options), a cheaper fidelity (role "screen"), and only the best `keep` of them go on
+    to score(cell) itself, beside the baseline.
     """
     rng = random.Random(seed)
     allowed = allowed or (lambda cell: True)
     progress = progress or Progress(blocks, beam + probes)
     baseline = [canonical(c) for c in baseline]
-    first = [(c, "baseline") for c in baseline] + [(c, "first") for c in map(canonical, first_cells)
-                                                   if c not in baseline and allowed(c)]
+    first = [c for c in map(canonical, first_cells) if c not in baseline and allowed(c)]
+    if screen:                                                               # screen them, keep the best
+        keep, options = screen
+        cheap = rescore(log, score, first, [0], "screen", score_cells=score_cells, progress=progress, **options)
+        ranked = sorted(first, key=lambda c: (-cheap[cell_key(c)][0]["accuracy"] if cheap[cell_key(c)] else 1,
+                                              cell_key(c)))
+        first = sorted(ranked[:keep])
+    first = [(c, "baseline") for c in baseline] + [(c, "first") for c in first]
 
     def measure(b, cells, predicted=None):
         ok = score_level(log, b, cells, score, score_cells, progress, predicted)
@@ -307,15 +317,16 @@ def score_level(log, b, cells, score, score_cells=None, progress=None, predicted
     return ok
 
 
-def rescore(log, score, cells, trials, role, fresh=False, score_cells=None, progress=None):
-    """Score each cell again, once per training seed in `trials` (score(cell, trial=t, fresh=fresh)),
-    logged with `role`; returns {cell key: [ok records]}. Used for the noise floor (same episodes,
-    other seeds) and the de-biased best (fresh episodes, other seeds). Each trial's cells go to
-    `score_cells` together, so several processes share them."""
+def rescore(log, score, cells, trials, role, fresh=False, score_cells=None, progress=None, **options):
+    """Score each cell again, once per training seed in `trials` (score(cell, trial=t, fresh=fresh,
+    **options)), logged with `role`; returns {cell key: [ok records]}. Used for the level-1 screen (a
+    cheaper fidelity), the noise floor (same episodes, other seeds) and the de-biased best (fresh
+    episodes, other seeds). Each trial's cells go to `score_cells` together, so several processes
+    share them."""
     score_cells, progress = score_cells or score_each, progress or Progress(1, 0)
     for trial in trials:
         todo = [c for c in cells if not log.done(c, role, trial)]
-        for cell, result in score_cells(score, todo, trial=trial, fresh=fresh) if todo else ():
+        for cell, result in score_cells(score, todo, trial=trial, fresh=fresh, **options) if todo else ():
             progress.scored(log.append(dict(level=len(cell), cell=cell, blocks=len(cell), role=role, trial=trial,
                                             predicted=None, **result)), show=False)
     found = {}

@@ -31,6 +31,13 @@ def within_budget(cfg):
     return lambda cell: parameters(cfg, cell) <= cfg.max_params
 
 
+def candidates_dir(cfg):
+    """Where a search with a level-1 screen keeps each screened cell's training, so that the cells it keeps
+    train on from there (None: no screen)."""
+    screened = 0 < cfg.screen_iters < cfg.meta_iters and cfg.max_first
+    return os.path.join(cfg.out, "candidates") if screened else None
+
+
 FRESH_EPISODES = 3  # seed offset of the validation episodes that re-score the best cells (--train uses 1 and 2)
 
 
@@ -69,9 +76,10 @@ def make_scorer(cfg, splits, device, keep=None):
     Every candidate is meta-trained from its seed (candidate_seed) for `meta_iters` (default
     cfg.meta_iters: the objective's fidelity) iterations on training episodes, then adapted and tested on
     the same cfg.eval_episodes validation episodes (with fresh=True: other validation episodes, the same
-    for every cell, to re-score the best ones). With `keep`, a folder, each candidate's training state is
-    kept there once scored, and a later score of the same cell and trial at more meta-iterations trains on
-    from it rather than from scratch: successive halving's promotion, with the same result either way.
+    for every cell, to re-score the best ones). With `keep`, a folder, a candidate's training is kept there
+    when it was scored below cfg.meta_iters (a screen), and a later score of the same cell and trial at
+    more meta-iterations trains on from it rather than from scratch: successive halving's promotion, with
+    the same result either way.
     On a GPU, an error that leaves it unusable raises pnas.SearchError, which ends the search.
     """
     def episodes(offset):
@@ -114,7 +122,7 @@ def train_and_score(cfg, splits, device, cell, seed, episodes, meta_iters, state
         fast = speedups.choose(model, cfg.first_order, cfg.eval_batch)
         maml.meta_train(model, optimizer, lambda: fast.layout(sampler.sample(cfg.meta_batch)), meta_iters,
                         cfg.inner_steps, cfg.inner_lr, cfg.first_order, start=start, meta_loss=fast.meta_loss)
-        if state:
+        if state and meta_iters < cfg.meta_iters:  # a screen: the cells it keeps train on from here
             save(state, model, optimizer, sampler, meta_iters)
         accuracy, ci95 = maml.evaluate(model, dict(model.named_parameters()), map(fast.layout, episodes),
                                        cfg.test_steps, cfg.inner_lr, fast.per_episode)

@@ -18,7 +18,7 @@ import data
 import pnas
 import stops
 from config import config_flags, pick_device
-from scoring import make_scorer
+from scoring import candidates_dir, make_scorer
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -40,7 +40,7 @@ def run_search(cfg, lead):
     watch_parent(team.rank, cfg.out)
     try:
         team.barrier()  # rank 0 decodes and caches the dataset first; this rank then reads the cache
-        team.serve(make_scorer(cfg, data.splits_for(cfg, ("train", "val")), device))
+        team.serve(make_scorer(cfg, data.splits_for(cfg, ("train", "val")), device, keep=candidates_dir(cfg)))
     except dist.DistError as e:  # rank 0, which serves the store, is gone
         raise pnas.SearchError(rank0_gone(team.rank, cfg.out)) from e
 

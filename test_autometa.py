@@ -511,6 +511,56 @@ def run_fake_search(out, score=None, blocks=3, beam=3, max_first=10, predictor=N
     return best
 
 
+def test_a_screen_scores_every_first_cell_cheaply_and_the_search_scores_only_the_best_of_them(tmp_path):
+    calls = []
+
+    def score(cell, trial=0, fresh=False, meta_iters=None):  # the screen sees the score through a little noise
+        calls.append((cell, meta_iters))
+        noise = 0.002 * (sum(map(ord, pnas.cell_key(cell))) % 7) if meta_iters else 0.0
+        return {"accuracy": fake_accuracy(cell) + noise, "ci95": 0.01, "params": 1, "meta_iters": meta_iters or 60}
+
+    first = pnas.first_level(cells.OPS)
+    run_fake_search(tmp_path, score, blocks=2, beam=2, max_first=0, baseline=(cells.CONV4_CELL,),
+                    screen=(5, {"meta_iters": 20}), predictor=pnas.Predictor(cells.OPS, members=1, epochs=20))
+    rows = read_lines(tmp_path / "search.jsonl")
+    screened = {pnas.cell_key(pnas.as_cell(r["cell"])): r["accuracy"] for r in rows if r["role"] == "screen"}
+    assert len(screened) == len(first) - 1 and all(r["meta_iters"] == 20 for r in rows if r["role"] == "screen")
+    best5 = sorted(screened, key=lambda k: -screened[k])[:5]  # by hand: the five best screen scores
+    assert sorted(pnas.cell_key(pnas.as_cell(r["cell"])) for r in rows if r["role"] == "first") == sorted(best5)
+    assert [r["role"] for r in rows if r["level"] == 1 and r["role"] not in ("screen",)] == ["baseline"] + ["first"] * 5
+    assert all(r["meta_iters"] == 60 for r in rows if r["role"] != "screen")
+    assert calls.count((cells.CONV4_CELL, 20)) == 0  # the baseline is not screened: it is always scored
+    calls.clear()
+    run_fake_search(tmp_path, score, blocks=2, beam=2, max_first=0, baseline=(cells.CONV4_CELL,),
+                    screen=(5, {"meta_iters": 20}), predictor=pnas.Predictor(cells.OPS, members=1, epochs=20))
+    assert calls == [] and read_lines(tmp_path / "search.jsonl") == rows  # resumed: nothing scored again
+
+
+@pytest.mark.slow
+def test_a_screened_search_trains_its_kept_cells_on_and_ends_as_one_that_trained_them_from_scratch(tmp_path, capsys):
+    args = ["--search", "--ops", "conv_3x3,identity", "--screen-iters", "1", "--max-first", "3",
+            *TINY[4:], "--workers", "1"]
+    out = tmp_path / "whole"
+    with one_thread():
+        assert autometa.main([*args, "--out", str(out)]) == 0
+    assert not (out / "candidates").exists()  # the screened cells' training, removed once level 1 is done
+    rows = read_lines(out / "search.jsonl")
+    roles = [r["role"] for r in rows]
+    assert roles.count("first") == 3 and roles.count("screen") > 3
+    assert {r["meta_iters"] for r in rows if r["role"] == "screen"} == {1}
+    assert {r["meta_iters"] for r in rows if r["role"] != "screen"} == {3}
+    # the same search from its screen alone: the kept cells train from scratch, with the same scores
+    again = tmp_path / "again"
+    again.mkdir()
+    shutil.copy(out / "config.json", again / "config.json")
+    (again / "search.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows if r["role"] == "screen"))
+    with one_thread():
+        assert autometa.main([*args, "--out", str(again)]) == 0
+    timeless = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]  # noqa: E731
+    assert timeless(read_lines(again / "search.jsonl")) == timeless(rows)
+    assert "screen: " in capsys.readouterr().out
+
+
 def test_rescores_go_to_score_cells_a_trial_at_a_time_with_their_options_and_resume(tmp_path):
     calls = []
 
@@ -1121,8 +1171,8 @@ def test_common_draws_give_every_cell_the_same_task_stream_episodes_and_shared_i
 
 
 def test_a_candidate_trained_on_from_its_kept_state_ends_as_one_trained_that_long_from_the_start(tmp_path, monkeypatch):
-    cfg = config.Config(ways=3, shots=1, queries=2, channels=4, meta_iters=2, eval_episodes=3, meta_batch=2,
-                        image_size=28, draws="common")
+    cfg = config.Config(ways=3, shots=1, queries=2, channels=4, meta_iters=6, eval_episodes=3, meta_batch=2,
+                        image_size=28, draws="common")  # a screen's training, below meta_iters, is kept
     splits, cell = data.synthetic_splits(28, 0), ((1, "conv_3x3", 1, "sep_conv_3x3"),)
     calls, meta_train = [], maml.meta_train
 
