@@ -120,6 +120,9 @@ def search_here(cfg, device, job):
           f"per candidate, device {device}")
     screen = candidates_dir(cfg) is not None  # level 1: every 1-block cell screened, the best max_first go on
     start, first = time.time(), pnas.first_level(cfg.ops, 0 if screen else cfg.max_first, cfg.seed)
+    if screen:
+        print(f"level 1: a screen of all {len(first)} one-block cells ({cfg.screen_iters} meta-iterations, "
+              f"{min(cfg.screen_episodes, cfg.eval_episodes)} episodes); the best {cfg.max_first} and conv4 go on")
     baseline = (cells.CONV4_CELL,)  # MAML's conv4 is a cell of this space: every search scores it
     log = pnas.SearchLog(os.path.join(cfg.out, "search.jsonl"))
     check_networks(cfg, log)
@@ -133,7 +136,8 @@ def search_here(cfg, device, job):
     measured = pnas.search(score, log, cfg.blocks, cfg.beam, cfg.ops, first, pnas.Predictor(ops, seed=cfg.seed),
                            cfg.probe, cfg.sampler, cfg.seed, baseline, within_budget(cfg), **shared,
                            on_level=lambda b, records: report.write_report(cfg.out, records, config_dict(cfg)),
-                           screen=(cfg.max_first, {"meta_iters": cfg.screen_iters}) if screen else None)
+                           screen=(cfg.max_first, {"meta_iters": cfg.screen_iters, "episodes": cfg.screen_episodes})
+                           if screen else None)
     if screen:  # the screened cells' training, kept to train on from: level 1 is done with it
         shutil.rmtree(candidates_dir(cfg), ignore_errors=True)
     best = check_best(cfg, log, score, measured, shared)

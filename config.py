@@ -37,9 +37,11 @@ class Config:
     ops: tuple = setting(ALL_OPS, "comma-separated op names the search may use", free=TRAIN)
     max_first: int = setting(12, "level 1 scores this many 1-block cells (0: all 119), and conv4: the best of the "
                              "screen, or a seeded sample without one", free=TRAIN)
-    screen_iters: int = setting(20, "level 1's screen: every 1-block cell meta-trains this many iterations first, "
+    screen_iters: int = setting(10, "level 1's screen: every 1-block cell meta-trains this many iterations first, "
                                 "and the best --max-first train on to --meta-iters (0, or not below --meta-iters: "
                                 "no screen)", free=TRAIN)
+    screen_episodes: int = setting(25, "validation episodes of level 1's screen (the first of --eval-episodes)",
+                                   free=TRAIN)
     sampler: str = setting("predictor", "how each level's beam is chosen: 'predictor' (PNAS) or 'random' (the baseline)",
                            free=TRAIN)
     probe: int = setting(2, "children drawn at random and scored beside each beam, to test the predictor", free=TRAIN)
@@ -125,7 +127,7 @@ def make_config(flags, preset=None, base=None):
 
 def check_config(cfg):
     """Raise ConfigError for settings no run can use."""
-    for name in ("image_size", "ways", "shots", "queries", "blocks", "beam", "cells", "channels",
+    for name in ("image_size", "ways", "shots", "queries", "blocks", "beam", "cells", "channels", "screen_episodes",
                  "meta_iters", "train_iters", "meta_batch", "eval_episodes", "val_episodes", "val_every", "log_every",
                  "rescore_seeds"):
         if getattr(cfg, name) <= 0:

@@ -2,6 +2,7 @@
 few-shot accuracy on fixed validation episodes."""
 import hashlib
 import io
+import math
 import os
 
 import torch
@@ -69,14 +70,15 @@ def draw_weights(model, seed):
 
 
 def make_scorer(cfg, splits, device, keep=None):
-    """score(cell, trial=0, fresh=False, meta_iters=None) -> {"accuracy", "ci95", "params", "seed",
-    "meta_iters"}, or status "diverged" when training blew up. `cell` is canonical (pnas.canonical), as
+    """score(cell, trial=0, fresh=False, meta_iters=None, episodes=None) -> {"accuracy", "ci95", "params",
+    "seed", "meta_iters"}, or status "diverged" when training blew up. `cell` is canonical (pnas.canonical), as
     every cell of the search is: its listing fixes the order in which the network's weights are drawn.
 
     Every candidate is meta-trained from its seed (candidate_seed) for `meta_iters` (default
     cfg.meta_iters: the objective's fidelity) iterations on training episodes, then adapted and tested on
     the same cfg.eval_episodes validation episodes (with fresh=True: other validation episodes, the same
-    for every cell, to re-score the best ones). With `keep`, a folder, a candidate's training is kept there
+    for every cell, to re-score the best ones); `episodes` takes the first of them only (a screen's). With
+    `keep`, a folder, a candidate's training is kept there
     when it was scored below cfg.meta_iters (a screen), and a later score of the same cell and trial at
     more meta-iterations trains on from it rather than from scratch: successive halving's promotion, with
     the same result either way.
@@ -88,14 +90,16 @@ def make_scorer(cfg, splits, device, keep=None):
 
     search_episodes, fresh_episodes = episodes(0), episodes(FRESH_EPISODES)
 
-    def score(cell, trial=0, fresh=False, meta_iters=None):
+    def score(cell, trial=0, fresh=False, meta_iters=None, episodes=None):
         seed = candidate_seed(cfg.seed, cell, trial, cfg.draws)
         state = None if keep is None else os.path.join(keep, f"{seed}-{stable_seed(pnas.cell_key(cell)):08x}.pt")
         if device.type == "cuda":
             torch.cuda.empty_cache()  # start clean: no blocks cached by an earlier candidate, which may have run out
         try:
-            return train_and_score(cfg, splits, device, cell, seed, fresh_episodes if fresh else search_episodes,
-                                   meta_iters or cfg.meta_iters, state)
+            chosen = fresh_episodes if fresh else search_episodes
+            if episodes:  # the first of them, a batch of cfg.meta_batch at a time
+                chosen = [chosen[i] for i in range(min(math.ceil(episodes / cfg.meta_batch), len(chosen)))]
+            return train_and_score(cfg, splits, device, cell, seed, chosen, meta_iters or cfg.meta_iters, state)
         except Exception as e:
             if device.type == "cuda" and not isinstance(e, torch.OutOfMemoryError) and gpu_lost(device):
                 raise pnas.SearchError(f"{device} hit a CUDA error that leaves it unusable in this process "

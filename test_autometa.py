@@ -1214,6 +1214,19 @@ def test_a_search_folder_of_the_objective_before_common_draws_is_refused_in_one_
     assert (tmp_path / "config.json").read_text() == kept
 
 
+def test_a_screen_is_scored_on_the_first_of_the_search_episodes(monkeypatch):
+    cfg = config.Config(ways=3, shots=1, queries=2, channels=4, meta_iters=2, eval_episodes=5, meta_batch=2,
+                        image_size=28)
+    splits, seen = data.synthetic_splits(28, 0), []
+    monkeypatch.setattr(maml, "evaluate", lambda model, params, episodes, *args: seen.append(list(episodes)) or (0.5, 0))
+    score = scoring.make_scorer(cfg, splits, torch.device("cpu"))
+    score(cells.CONV4_CELL)
+    score(cells.CONV4_CELL, episodes=3, meta_iters=1)
+    everything, first = seen  # 5 episodes in batches of 2: 3 batches; the first 3 episodes: the first 2 batches
+    assert len(everything) == 3 and len(first) == 2
+    assert all(torch.equal(a, b) for x, y in zip(everything, first) for a, b in zip(x, y))
+
+
 def test_fidelity_figures_against_hand_computed_ones():
     trained = {"a": [0.9, 0.8], "b": [0.7, 0.7], "c": [0.5, 0.6], "d": [0.2, 0.3]}
     same = {"a": [0.6, 0.5, 0.7], "b": [0.5, 0.4, 0.6], "c": [0.4, 0.3, 0.5], "d": [0.3, 0.2, 0.4]}
