@@ -133,8 +133,9 @@ def search_here(cfg, device, job):
                                          workers=1 if job is None else job.size))
     # the predictor's ops: the search's and the baseline's (conv4's "none", say, when --ops leaves it out)
     ops = tuple(dict.fromkeys(cfg.ops + tuple(op for cell in baseline for block in cell for op in block[1::2])))
-    measured = pnas.search(score, log, cfg.blocks, cfg.beam, cfg.ops, first, pnas.Predictor(ops, seed=cfg.seed),
-                           cfg.probe, cfg.sampler, cfg.seed, baseline, within_budget(cfg), **shared,
+    measured = pnas.search(score, log, blocks=cfg.blocks, beam=cfg.beam, ops=cfg.ops, first_cells=first,
+                           predictor=pnas.Predictor(ops, seed=cfg.seed), probes=cfg.probe, sampler=cfg.sampler,
+                           seed=cfg.seed, baseline=baseline, allowed=within_budget(cfg), **shared,
                            on_level=lambda b, records: report.write_report(cfg.out, records, config_dict(cfg)),
                            screen=(cfg.max_first, {"meta_iters": cfg.screen_iters, "episodes": cfg.screen_episodes})
                            if screen else None)

@@ -48,6 +48,7 @@ def draw_search(records, path, chance):
     """report.png: measured accuracy of every scored cell by level, and the predictor's predictions vs them."""
     image = Image.new("RGB", SEARCH_SIZE, WHITE)
     draw = ImageDraw.Draw(image)
+    screens = [r for r in records if r.get("role") == "screen" and r["status"] == "ok"]
     noise, best, again, records = seed_noise(records), pnas.best(records), pnas.rescores(records), searched(records)
     ok = [r for r in records if r["status"] == "ok"]
     failed = len(records) - len(ok)
@@ -60,36 +61,42 @@ def draw_search(records, path, chance):
     if noise is not None:
         header += f"  ·  seed noise ± {percent(noise)} (std)"
     draw.text((20, 12), header, font=font(TITLE_SIZE), fill=INK)
-    plot_levels(image, (95, 130, 640, 470), records, chance)
+    plot_levels(image, (95, 130, 640, 470), records, chance, screens)
     plot_predictions(image, (780, 130, 1085, 470), ok)
     save_png(image, path)
 
 
-def plot_levels(image, box, records, chance):
-    """Left panel: each level's scored cells sorted by accuracy, with 95% CIs, the best of each level and chance."""
+def plot_levels(image, box, records, chance, screens=()):
+    """Left panel: each level's scored cells sorted by accuracy, with 95% CIs, the best of each level and chance;
+    level 1's screen (`screens`, its ok rows) as small grey dots behind them."""
     levels = sorted({r["level"] for r in records})
     ok = [r for r in records if r["status"] == "ok"]
-    bounds = [chance] + [r["accuracy"] + s * r["ci95"] for r in ok for s in (-1, 1)]
+    bounds = [chance] + [r["accuracy"] + s * r["ci95"] for r in ok for s in (-1, 1)] + [r["accuracy"] for r in screens]
     yticks, ylim = value_ticks(100 * min(bounds), 100 * max(bounds), clip=(0, 100))
     ax = Axes(image, box, (levels[0] - 0.5, levels[-1] + 0.5), ylim)
     xticks = []
     for b in levels:
         n, n_ok = sum(r["level"] == b for r in records), sum(r["level"] == b for r in ok)
         probes = sum(r["level"] == b and r.get("role") == "probe" for r in records)
-        kept = f"{n} scored" if b == 1 else f"beam of {n - probes}" + (f" + {probes} probes" if probes else "")
+        kept = f"beam of {n - probes}" + (f" + {probes} probes" if probes else "")
+        if b == 1:
+            kept = f"{n} scored" + (f" of {len(screens)} screened" if screens else "")
         xticks.append((b, f"level {b}\n{kept}" + (f", {n - n_ok} failed" if n_ok < n else "")))
     ax.frame("Measured accuracy of every scored cell", "search level (= blocks per cell)",
              "validation accuracy (%)", xticks, yticks)
     conv4 = baseline_of(ok)
     legend(ax.draw, box[0], box[1] - 28, [("dot", BLUE, "scored cell, ± 95% CI"), ("dot", GREEN, "probe"),
-                                          ("dot", ORANGE, "best of level"),
-                                          ("dash", MUTED, f"chance ({percent(chance, 0)})")]
+                                          ("dot", ORANGE, "best of level")]
+           + ([("dot", MUTED, "screened")] if screens else [])
+           + [("dash", MUTED, f"chance ({percent(chance, 0)})")]
            + ([("dash", RED, f"conv4 in this space ({percent(conv4['accuracy'], 1)})")] if conv4 else []))
     y_chance = ax.px(0, 100 * chance)[1]
     dashed(ax.draw, (box[0], y_chance), (box[2], y_chance), MUTED)
     if conv4:
         y_conv4 = ax.px(0, 100 * conv4["accuracy"])[1]
         dashed(ax.draw, (box[0], y_conv4), (box[2], y_conv4), RED)
+    for i, r in enumerate(sorted(screens, key=lambda r: r["accuracy"])):  # behind level 1's own scores
+        dot(ax.draw, ax.px(1 - 0.3 + 0.6 * i / max(len(screens) - 1, 1), 100 * r["accuracy"]), MUTED, radius=2)
     bests = []
     for b in levels:
         level = sorted((r for r in ok if r["level"] == b), key=lambda r: r["accuracy"])
@@ -216,7 +223,7 @@ def write_report(out, records, config):
                   f"best cell: {percent(best['accuracy'])} ± {percent(best['ci95'])} (level {best['level']}, "
                   f"{best['params']:,} parameters)")
         lines += best_cells_table(ok, pnas.rescores(records)) + [against_baseline(best, records), ""]
-    lines += levels_table(search, levels, seed_noise(records)) + report_footer(search, ok, config)
+    lines += levels_table(search, levels, seed_noise(records)) + screen_lines(records) + report_footer(search, ok, config)
     atomic_write(os.path.join(out, "report.md"), lambda f: f.write("\n".join(lines).encode()))
 
 
@@ -311,6 +318,26 @@ def levels_table(records, levels, noise):
                   "than the seed noise: their order there is mostly noise, so neither the ranking nor Spearman's ρ "
                   "can be read from single scores."]
     return lines
+
+
+def screen_lines(records):
+    """report.md's account of level 1's screen (successive halving), when the search had one."""
+    screens = {cell_key(r["cell"]): r for r in records if r.get("role") == "screen"}
+    if not screens:
+        return []
+    ok = sorted((r for r in screens.values() if r["status"] == "ok"), key=lambda r: -r["accuracy"])
+    kept = [r for r in records if r.get("role") == "first" and cell_key(r["cell"]) in screens]
+    cut = min((screens[cell_key(r["cell"])]["accuracy"] for r in kept), default=None)
+    full = [(screens[cell_key(r["cell"])]["accuracy"], r["accuracy"]) for r in kept if r["status"] == "ok"]
+    rho = spearman([a for a, _ in full], [b for _, b in full]) if len(full) > 2 else None
+    lines = ["", "## Level 1's screen", "",
+             f"All {len(screens)} one-block cells were first scored at {ok[0]['meta_iters'] if ok else '?'} "
+             f"meta-iterations ({len(screens) - len(ok)} failed); the best {len(kept)} trained on from there to the "
+             f"full objective" + (f" (screen scores from {percent(ok[0]['accuracy'])} down to {percent(cut)})"
+                                  if ok and cut is not None else "") + "."]
+    if rho is not None:
+        lines.append(f"Spearman ρ between their screen and full scores: {rho:+.2f} ({len(full)} cells).")
+    return lines + [""]
 
 
 def rho_text(rows, level):

@@ -534,6 +534,13 @@ def test_a_screen_scores_every_first_cell_cheaply_and_the_search_scores_only_the
     run_fake_search(tmp_path, score, blocks=2, beam=2, max_first=0, baseline=(cells.CONV4_CELL,),
                     screen=(5, {"meta_iters": 20}), predictor=pnas.Predictor(cells.OPS, members=1, epochs=20))
     assert calls == [] and read_lines(tmp_path / "search.jsonl") == rows  # resumed: nothing scored again
+    report.write_report(str(tmp_path), list(pnas.SearchLog(str(tmp_path / "search.jsonl")).records.values()),
+                        REPORT_CONFIG)
+    md = (tmp_path / "report.md").read_text()
+    cut = min(screened[k] for k in best5)
+    assert (f"All {len(screened)} one-block cells were first scored at 20 meta-iterations (0 failed); the best 5 "
+            f"trained on from there to the full objective (screen scores from {100 * max(screened.values()):.2f}% down "
+            f"to {100 * cut:.2f}%).") in md
 
 
 @pytest.mark.slow
