@@ -326,16 +326,25 @@ def rescore(log, score, cells, trials, role, fresh=False, score_cells=None, prog
     score_cells, progress = score_cells or score_each, progress or Progress(1, 0)
     for trial in trials:
         todo = [c for c in cells if not log.done(c, role, trial)]
-        for cell, result in score_cells(score, todo, trial=trial, fresh=fresh, **options) if todo else ():
-            progress.scored(log.append(dict(level=len(cell), cell=cell, blocks=len(cell), role=role, trial=trial,
-                                            predicted=None, **result)), show=False)
+        for i, (cell, result) in enumerate(score_cells(score, todo, trial=trial, fresh=fresh, **options)
+                                           if todo else (), 1):
+            record = log.append(dict(level=len(cell), cell=cell, blocks=len(cell), role=role, trial=trial,
+                                     predicted=None, **result))
+            progress.scored(record, show=False)
+            if len(trials) == 1:  # one line per cell as it comes (a screen is long); else a summary per cell below
+                progress.say(f"{role} {i}/{len(todo)}: {outcome(record)}  {record['seconds']:6.1f} s  "
+                             f"{json.dumps(cell)}")
     found = {}
     for cell in cells:
         found[cell_key(cell)] = [log.records[record_key(dict(cell=cell, role=role, trial=t))] for t in trials]
-        progress.say(f"{role}: {json.dumps(cell)}: "
-                     + ", ".join(f"{100 * r['accuracy']:.2f}%" if r["status"] == "ok" else r["status"]
-                                 for r in found[cell_key(cell)]))
+        if len(trials) > 1:
+            progress.say(f"{role}: {json.dumps(cell)}: " + ", ".join(map(outcome, found[cell_key(cell)])))
     return {k: [r for r in rows if r["status"] == "ok"] for k, rows in found.items()}
+
+
+def outcome(record):
+    """A score as progress lines show it: its accuracy, or its status."""
+    return f"{100 * record['accuracy']:.2f}%" if record["status"] == "ok" else record["status"]
 
 
 def measure_noise(log, score, measured, n, score_cells=None, progress=None):
