@@ -1283,6 +1283,19 @@ def test_bench_objective_trains_the_panel_once_as_eval_tests_it_and_scores_it_wi
     assert "holds a panel trained with other settings (channels)" in capsys.readouterr().err
 
 
+
+@pytest.mark.slow
+def test_help_and_draw_load_none_of_what_other_commands_run(tmp_path):
+    # torch 2.13 imports torch.distributed itself, so what is checked is autometa's own modules
+    heavy = ("bench", "team", "training", "fidelity", "fastcpu", "report")
+    for args in (["--help"], ["--draw", "conv4", "--out", str(tmp_path / "c.png")]):
+        code = (f"import sys, autometa\ntry:\n    autometa.main({args!r})\nexcept SystemExit:\n    pass\n"
+                f"print([m for m in {heavy!r} if m in sys.modules])")
+        result = subprocess.run([sys.executable, "-c", code], cwd=HERE, env=child_env(), capture_output=True,
+                                text=True, timeout=120)
+        assert result.returncode == 0 and result.stdout.splitlines()[-1] == "[]", (args, result.stdout, result.stderr)
+
+
 @pytest.mark.slow
 def test_inspect_prints_one_line_per_split(tmp_path, capsys):
     result = cli("--inspect")
