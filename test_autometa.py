@@ -1283,7 +1283,6 @@ def test_bench_objective_trains_the_panel_once_as_eval_tests_it_and_scores_it_wi
     assert "holds a panel trained with other settings (channels)" in capsys.readouterr().err
 
 
-
 @pytest.mark.slow
 def test_help_and_draw_load_none_of_what_other_commands_run(tmp_path):
     # torch 2.13 imports torch.distributed itself, so what is checked is autometa's own modules
