@@ -546,7 +546,7 @@ def test_a_screen_scores_every_first_cell_cheaply_and_the_search_scores_only_the
 @pytest.mark.slow
 def test_a_screened_search_trains_its_kept_cells_on_and_ends_as_one_that_trained_them_from_scratch(tmp_path, capsys):
     args = ["--search", "--ops", "conv_3x3,identity", "--screen-iters", "1", "--max-first", "3",
-            *TINY[4:], "--workers", "1"]
+            *TINY[4:]]
     out = tmp_path / "whole"
     with one_thread():
         assert autometa.main([*args, "--out", str(out)]) == 0
@@ -1077,8 +1077,9 @@ def cli(*args, cwd=HERE):
                           capture_output=True, text=True, timeout=300)
 
 
+# A tiny search, with its number of workers said: without --workers a search starts one per core.
 TINY = ["--blocks", "2", "--beam", "2", "--max-first", "3", "--meta-iters", "3", "--eval-episodes", "4",
-        "--channels", "4", "--probe", "1", "--noise", "1", "--rescore", "2", "--rescore-seeds", "1"]
+        "--channels", "4", "--probe", "1", "--noise", "1", "--rescore", "2", "--rescore-seeds", "1", "--workers", "1"]
 
 
 @pytest.mark.slow
@@ -1814,13 +1815,18 @@ def test_unwritable_out_or_cache_dir_exits_2_and_keeps_what_is_there(tmp_path, h
     assert_same_training(tmp_path / "after" / "run", whole_training)
 
 
+def fake_scorer(cfg, splits, device, keep=None):
+    """scoring.make_scorer's stand-in where only a search's wiring is tested: fake_accuracy, no training."""
+    return lambda cell, trial=0, fresh=False, **fidelity: dict(accuracy=fake_accuracy(cell), ci95=0.01,
+                                                               params=scoring.parameters(cfg, cell))
+
+
 @pytest.mark.slow
 def test_a_full_disk_during_a_search_exits_2_and_the_same_command_goes_on(tmp_path, monkeypatch, capsys):
     # The log's write names no file, as on a real full disk. Only the wiring is tested: cells are scored by
     # fake_accuracy, not trained, and the predictor is a cheap one.
     monkeypatch.setattr(data, "splits_for", lambda cfg, needed: None)
-    monkeypatch.setattr(scoring, "make_scorer", lambda cfg, splits, device: lambda cell, trial=0, fresh=False: dict(
-        accuracy=fake_accuracy(cell), ci95=0.01, params=scoring.parameters(cfg, cell)))
+    monkeypatch.setattr(scoring, "make_scorer", fake_scorer)
     predictor = pnas.Predictor
     monkeypatch.setattr(pnas, "Predictor", lambda ops, seed: predictor(ops, members=1, epochs=20))
     append = pnas.SearchLog.append
@@ -2154,8 +2160,7 @@ def test_draw_command_draws_builtins_inline_json_and_files_and_rejects_bad_cells
 def test_search_writes_its_report_after_every_level(tmp_path, monkeypatch):
     # Only the wiring is tested here: cells are scored by fake_accuracy, not trained (the end-to-end test trains).
     monkeypatch.setattr(data, "splits_for", lambda cfg, needed: None)
-    monkeypatch.setattr(scoring, "make_scorer", lambda cfg, splits, device: lambda cell, trial=0, fresh=False: dict(
-        accuracy=fake_accuracy(cell), ci95=0.01, params=100 * len(cell)))
+    monkeypatch.setattr(scoring, "make_scorer", fake_scorer)
     out, levels, write = str(tmp_path / "run"), [], report.write_report
 
     def counting_write(out, records, config):
