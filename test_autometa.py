@@ -1817,8 +1817,8 @@ def test_unwritable_out_or_cache_dir_exits_2_and_keeps_what_is_there(tmp_path, h
 
 def fake_scorer(cfg, splits, device, keep=None):
     """scoring.make_scorer's stand-in where only a search's wiring is tested: fake_accuracy, no training."""
-    return lambda cell, trial=0, fresh=False, **fidelity: dict(accuracy=fake_accuracy(cell), ci95=0.01,
-                                                               params=scoring.parameters(cfg, cell))
+    return lambda cell, trial=0, fresh=False, **options: dict(accuracy=fake_accuracy(cell), ci95=0.01,
+                                                              params=scoring.parameters(cfg, cell))
 
 
 @pytest.mark.slow
