@@ -91,6 +91,9 @@ class Workers:
                         "--workers", "1"]
         self.env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(count),
                         LOCAL_WORLD_SIZE=str(count), AUTOMETA_PARENT=str(os.getpid()))
+        # A worker whose rank 0 is gone says so in one line; torch's C++ warnings of the store's broken
+        # connection (a frame dump) would come before it, so they are left out unless asked for.
+        self.env.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
         self.count, self.out, self.processes = count, cfg.out, []
 
     def start(self):
