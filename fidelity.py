@@ -149,6 +149,14 @@ def rank_figures(objective, trained):
             "first_trained": names[max(range(len(names)), key=lambda i: truth[i])]}
 
 
+def say_figures(title, figures):
+    """One line of rank_figures."""
+    print(f"{title}: Spearman, objective vs trained: one seed {figures['spearman_one_seed_mean']:+.3f} (seeds "
+          f"{', '.join(f'{r:+.2f}' for r in figures['spearman_one_seed'])}), mean of {len(SEEDS)} seeds "
+          f"{figures['spearman_mean_of_seeds']:+.3f}; two seeds agree {figures['seeds_agreement']:+.3f}; first: "
+          f"{figures['first_objective']} by the objective, {figures['first_trained']} by training")
+
+
 def run(cfg, preset, splits, device, names=None):
     """The command: the panel's table (or the cells `names` of it) and the summary; the summary is
     appended to OUT/objective.jsonl."""
@@ -167,13 +175,10 @@ def run(cfg, preset, splits, device, names=None):
               f"{' '.join(f'{100 * a:6.2f}' for a in objective[name]):<24} {100 * statistics.mean(objective[name]):6.2f}  "
               f"{' '.join(f'{100 * a:6.2f}' for a in trained[name]):<24} {100 * statistics.mean(trained[name]):6.2f}")
     summary = fidelity(objective, trained)
-    for title, figures in [("all cells", summary)] + [(f"the {len(summary['close']['cells'])} cells within "
-                                                       f"{100 * CLOSE:.0f} points of conv4", summary["close"])] * (
-            "close" in summary):
-        print(f"{title}: Spearman, objective vs trained: one seed {figures['spearman_one_seed_mean']:+.3f} (seeds "
-              f"{', '.join(f'{r:+.2f}' for r in figures['spearman_one_seed'])}), mean of {len(SEEDS)} seeds "
-              f"{figures['spearman_mean_of_seeds']:+.3f}; two seeds agree {figures['seeds_agreement']:+.3f}; first: "
-              f"{figures['first_objective']} by the objective, {figures['first_trained']} by training")
+    say_figures("all cells", summary)
+    if "close" in summary:
+        say_figures(f"the {len(summary['close']['cells'])} cells within {100 * CLOSE:.0f} points of conv4",
+                    summary["close"])
     print(f"{seconds:.1f} s per score ({len(names) * len(SEEDS)} scores)")
     row = dict(summary, seconds_per_score=round(seconds, 2), meta_iters=cfg.meta_iters,
                eval_episodes=cfg.eval_episodes, meta_lr=cfg.meta_lr, draws=cfg.draws,
