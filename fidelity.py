@@ -170,10 +170,12 @@ def run(cfg, preset, splits, device, names=None):
     objective, seconds = objective_scores(cfg, splits, device, names)
     print(f"{'cell':<14} {'parameters':>10}  {'objective, seeds 0 1 2':<24} {'mean':>6}  "
           f"{'trained, seeds 0 1 2':<24} {'mean':>6}")
+    def scores(values):
+        return f"{' '.join(f'{100 * a:6.2f}' for a in values):<24} {100 * statistics.mean(values):6.2f}"
+
     for name in sorted(names, key=lambda n: -statistics.mean(trained[n])):
-        print(f"{name:<14} {parameters(cfg, cells.parse_cell(PANEL[name])):>10,}  "
-              f"{' '.join(f'{100 * a:6.2f}' for a in objective[name]):<24} {100 * statistics.mean(objective[name]):6.2f}  "
-              f"{' '.join(f'{100 * a:6.2f}' for a in trained[name]):<24} {100 * statistics.mean(trained[name]):6.2f}")
+        print(f"{name:<14} {parameters(cfg, cells.parse_cell(PANEL[name])):>10,}  {scores(objective[name])}  "
+              f"{scores(trained[name])}")
     summary = fidelity(objective, trained)
     say_figures("all cells", summary)
     if "close" in summary:

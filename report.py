@@ -223,7 +223,8 @@ def write_report(out, records, config):
                   f"best cell: {percent(best['accuracy'])} ± {percent(best['ci95'])} (level {best['level']}, "
                   f"{best['params']:,} parameters)")
         lines += best_cells_table(ok, pnas.rescores(records)) + [against_baseline(best, records), ""]
-    lines += levels_table(search, levels, seed_noise(records)) + screen_lines(records) + report_footer(search, ok, config)
+    lines += levels_table(search, levels, seed_noise(records)) + screen_lines(records)
+    lines += report_footer(search, ok, config)
     atomic_write(os.path.join(out, "report.md"), lambda f: f.write("\n".join(lines).encode()))
 
 
