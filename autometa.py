@@ -118,11 +118,7 @@ def search_here(cfg, device, job):
     print(f"search: {cfg.blocks} blocks, beam {cfg.beam} ({cfg.sampler}) + {cfg.probe} probes, {cfg.ways}-way "
           f"{cfg.shots}-shot on {cfg.data} ({cfg.image_size}x{cfg.image_size}), {cfg.meta_iters} meta-iterations "
           f"per candidate, device {device}")
-    screen = candidates_dir(cfg) is not None  # level 1: every 1-block cell screened, the best max_first go on
-    start, first = time.time(), pnas.first_level(cfg.ops, 0 if screen else cfg.max_first, cfg.seed)
-    if screen:
-        print(f"level 1: a screen of all {len(first)} one-block cells ({cfg.screen_iters} meta-iterations, "
-              f"{min(cfg.screen_episodes, cfg.eval_episodes)} episodes); the best {cfg.max_first} and conv4 go on")
+    start, (first, screen) = time.time(), level_one(cfg)
     baseline = (cells.CONV4_CELL,)  # MAML's conv4 is a cell of this space: every search scores it
     log = pnas.SearchLog(os.path.join(cfg.out, "search.jsonl"))
     check_networks(cfg, log)
@@ -137,8 +133,7 @@ def search_here(cfg, device, job):
                            predictor=pnas.Predictor(ops, seed=cfg.seed), probes=cfg.probe, sampler=cfg.sampler,
                            seed=cfg.seed, baseline=baseline, allowed=within_budget(cfg), **shared,
                            on_level=lambda b, records: report.write_report(cfg.out, records, config_dict(cfg)),
-                           screen=(cfg.max_first, {"meta_iters": cfg.screen_iters, "episodes": cfg.screen_episodes})
-                           if screen else None)
+                           screen=screen)
     if screen:  # the screened cells' training, kept to train on from: level 1 is done with it
         shutil.rmtree(candidates_dir(cfg), ignore_errors=True)
     best = check_best(cfg, log, score, measured, shared)
@@ -146,13 +141,31 @@ def search_here(cfg, device, job):
         job.dismiss()
     records = list(log.records.values())
     report.write_report(cfg.out, records, config_dict(cfg))
+    say_best(cfg, best, report.against_baseline(best, records), time.time() - start)
+
+
+def level_one(cfg):
+    """(the 1-block cells level 1 starts from, pnas.search's `screen` or None). With a screen
+    (scoring.candidates_dir), all of them, the best --max-first going on; without, a seeded sample."""
+    from scoring import candidates_dir
+
+    if candidates_dir(cfg) is None:
+        return pnas.first_level(cfg.ops, cfg.max_first, cfg.seed), None
+    first = pnas.first_level(cfg.ops)
+    print(f"level 1: a screen of all {len(first)} one-block cells ({cfg.screen_iters} meta-iterations, "
+          f"{min(cfg.screen_episodes, cfg.eval_episodes)} episodes); the best {cfg.max_first} and conv4 go on")
+    return first, (cfg.max_first, {"meta_iters": cfg.screen_iters, "episodes": cfg.screen_episodes})
+
+
+def say_best(cfg, best, verdict, seconds):
+    """The search's last lines: the best cell, its scores, the verdict against conv4 and where the results are."""
     print(f"best cell: {json.dumps(best['cell'])}")
     print(f"validation accuracy {100 * best['accuracy']:.2f}% ± {100 * best['ci95']:.2f}% in the search; re-scored "
           f"on fresh episodes with new seeds {100 * best['rescore']['accuracy']:.2f}% "
           f"± {100 * best['rescore']['ci95']:.2f}% (chance {100 / cfg.ways:.0f}%), {best['params']:,} parameters")
-    print(report.against_baseline(best, records))
+    print(verdict)
     print(f"results in {cfg.out}/: search.jsonl (every candidate), best.json (use with --train), "
-          f"report.md with report.png and best_cell.png; {time.time() - start:.0f} s")
+          f"report.md with report.png and best_cell.png; {seconds:.0f} s")
 
 
 def check_networks(cfg, log):

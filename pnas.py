@@ -263,11 +263,7 @@ def search(score, log, blocks, beam, ops, first_cells, predictor, probes=0, samp
     baseline = [canonical(c) for c in baseline]
     first = [c for c in map(canonical, first_cells) if c not in baseline and allowed(c)]
     if screen:                                                               # screen them, keep the best
-        keep, options = screen
-        cheap = rescore(log, score, first, [0], "screen", score_cells=score_cells, progress=progress, **options)
-        ranked = sorted(first, key=lambda c: (-cheap[cell_key(c)][0]["accuracy"] if cheap[cell_key(c)] else 1,
-                                              cell_key(c)))
-        first = sorted(ranked[:keep])
+        first = screened(log, score, first, *screen, score_cells=score_cells, progress=progress)
     first = [(c, "baseline") for c in baseline] + [(c, "first") for c in first]
 
     def measure(b, cells, predicted=None):
@@ -286,14 +282,28 @@ def search(score, log, blocks, beam, ops, first_cells, predictor, probes=0, samp
                          f"search ends at level {b - 1}")
             break
         predicted = dict(zip(children, predictor.predict(children).tolist()))
-        if sampler == "random":
-            chosen = rng.sample(children, min(beam, len(children)))
-        else:
-            chosen = sorted(children, key=lambda c: (-predicted[c], cell_key(c)))[:beam]
-        rest = [c for c in children if c not in set(chosen)]
-        probed = rng.sample(rest, min(probes, len(rest)))
-        measured += measure(b, [(c, "beam") for c in chosen] + [(c, "probe") for c in probed], predicted)
+        measured += measure(b, choose(children, predicted, beam, probes, sampler, rng), predicted)
     return measured
+
+
+def screened(log, score, cells, keep, options, score_cells=None, progress=None):
+    """The best `keep` of `cells` (sorted) by score(cell, **options), a cheaper fidelity logged as role "screen"."""
+    cheap = rescore(log, score, cells, [0], "screen", score_cells=score_cells, progress=progress, **options)
+    ranked = sorted(cells, key=lambda c: (-cheap[cell_key(c)][0]["accuracy"] if cheap[cell_key(c)] else 1,
+                                          cell_key(c)))
+    return sorted(ranked[:keep])
+
+
+def choose(children, predicted, beam, probes, sampler, rng):
+    """A level's (cell, role) pairs: the beam, the best `beam` children by prediction (or drawn at random with
+    sampler "random"), and `probes` more drawn at random from the rest."""
+    if sampler == "random":
+        chosen = rng.sample(children, min(beam, len(children)))
+    else:
+        chosen = sorted(children, key=lambda c: (-predicted[c], cell_key(c)))[:beam]
+    rest = [c for c in children if c not in set(chosen)]
+    probed = rng.sample(rest, min(probes, len(rest)))
+    return [(c, "beam") for c in chosen] + [(c, "probe") for c in probed]
 
 
 def score_level(log, b, cells, score, score_cells=None, progress=None, predicted=None):

@@ -74,16 +74,8 @@ def plot_levels(image, box, records, chance, screens=()):
     bounds = [chance] + [r["accuracy"] + s * r["ci95"] for r in ok for s in (-1, 1)] + [r["accuracy"] for r in screens]
     yticks, ylim = value_ticks(100 * min(bounds), 100 * max(bounds), clip=(0, 100))
     ax = Axes(image, box, (levels[0] - 0.5, levels[-1] + 0.5), ylim)
-    xticks = []
-    for b in levels:
-        n, n_ok = sum(r["level"] == b for r in records), sum(r["level"] == b for r in ok)
-        probes = sum(r["level"] == b and r.get("role") == "probe" for r in records)
-        kept = f"beam of {n - probes}" + (f" + {probes} probes" if probes else "")
-        if b == 1:
-            kept = f"{n} scored" + (f" of {len(screens)} screened" if screens else "")
-        xticks.append((b, f"level {b}\n{kept}" + (f", {n - n_ok} failed" if n_ok < n else "")))
     ax.frame("Measured accuracy of every scored cell", "search level (= blocks per cell)",
-             "validation accuracy (%)", xticks, yticks)
+             "validation accuracy (%)", [(b, level_label(b, records, len(screens))) for b in levels], yticks)
     conv4 = baseline_of(ok)
     legend(ax.draw, box[0], box[1] - 28, [("dot", BLUE, "scored cell, ± 95% CI"), ("dot", GREEN, "probe"),
                                           ("dot", ORANGE, "best of level")]
@@ -112,6 +104,17 @@ def plot_levels(image, box, records, chance, screens=()):
         ax.draw.line(bests, fill=ORANGE, width=2)
     for p in bests:
         dot(ax.draw, p, ORANGE, radius=7, outline=INK)
+
+
+def level_label(b, records, screened=0):
+    """The x-axis label of level b: what was scored there (and how many failed)."""
+    n = sum(r["level"] == b for r in records)
+    n_ok = sum(r["level"] == b and r["status"] == "ok" for r in records)
+    probes = sum(r["level"] == b and r.get("role") == "probe" for r in records)
+    kept = f"beam of {n - probes}" + (f" + {probes} probes" if probes else "")
+    if b == 1:
+        kept = f"{n} scored" + (f" of {screened} screened" if screened else "")
+    return f"level {b}\n{kept}" + (f", {n - n_ok} failed" if n_ok < n else "")
 
 
 def baseline_of(records):
