@@ -184,7 +184,7 @@ def run(cfg, preset, splits, device, names=None):
     print(f"{seconds:.1f} s per score ({len(names) * len(SEEDS)} scores)")
     row = dict(summary, seconds_per_score=round(seconds, 2), meta_iters=cfg.meta_iters,
                eval_episodes=cfg.eval_episodes, meta_lr=cfg.meta_lr, draws=cfg.draws,
-               objective={n: objective[n] for n in names}, trained={n: trained[n] for n in names})
+               objective=objective, trained=trained)
     with open(os.path.join(cfg.out, "objective.jsonl"), "a") as f:
         f.write(json.dumps(row) + "\n")
     return summary

@@ -78,10 +78,9 @@ def make_scorer(cfg, splits, device, keep=None):
     cfg.meta_iters: the objective's fidelity) iterations on training episodes, then adapted and tested on
     the same cfg.eval_episodes validation episodes (with fresh=True: other validation episodes, the same
     for every cell, to re-score the best ones); `episodes` takes the first of them only (a screen's). With
-    `keep`, a folder, a candidate's training is kept there
-    when it was scored below cfg.meta_iters (a screen), and a later score of the same cell and trial at
-    more meta-iterations trains on from it rather than from scratch: successive halving's promotion, with
-    the same result either way.
+    `keep`, a folder, a candidate's training is kept there when it was scored below cfg.meta_iters (a
+    screen), and a later score of the same cell and trial at more meta-iterations trains on from it
+    rather than from scratch: successive halving's promotion, with the same result either way.
     On a GPU, an error that leaves it unusable raises pnas.SearchError, which ends the search.
     """
     def episodes(offset):
