@@ -58,6 +58,11 @@ TRAINED_BY = ("data", "image_size", "ways", "shots", "queries", "channels", "cel
               "train_iters", "val_episodes", "val_every")
 
 
+def panel_cell(name):
+    """Panel cell `name` as the program holds every cell: a canonical tuple (pnas.canonical)."""
+    return pnas.canonical(cells.parse_cell(PANEL[name]))
+
+
 def training_config(cfg, preset):
     """The settings the panel is trained with: the preset's, on this command's data, task, network and
     training length."""
@@ -95,7 +100,7 @@ def train_panel_cell(train_cfg, name, splits, device, found, path, say):
                                   out=os.path.join(train_cfg.out, f"train-{name}", f"seed-{seed}"))
         os.makedirs(run.out, exist_ok=True)
         with contextlib.redirect_stdout(io.StringIO()):  # the trainer's progress lines
-            training.train(run, pnas.canonical(cells.parse_cell(PANEL[name])), splits, device)
+            training.train(run, panel_cell(name), splits, device)
         state = training.load_checkpoint(os.path.join(run.out, "best.pt"))
         tests.append(round(training.checkpoint_accuracy(run, state, splits, device)[0], 5))
     found["cells"][name] = {"cell": PANEL[name], "test": tests}
@@ -108,7 +113,7 @@ def objective_scores(cfg, splits, device, names):
     diverges scores 0: the search drops it, below every cell that trained."""
     score, scores, seconds = make_scorer(cfg, splits, device), {}, []
     for name in names:
-        cell = pnas.canonical(cells.parse_cell(PANEL[name]))
+        cell = panel_cell(name)
         scores[name] = []
         for trial in SEEDS:
             start = time.time()
@@ -174,7 +179,7 @@ def run(cfg, preset, splits, device, names=None):
         return f"{' '.join(f'{100 * a:6.2f}' for a in values):<24} {100 * statistics.mean(values):6.2f}"
 
     for name in sorted(names, key=lambda n: -statistics.mean(trained[n])):
-        print(f"{name:<14} {parameters(cfg, cells.parse_cell(PANEL[name])):>10,}  {scores(objective[name])}  "
+        print(f"{name:<14} {parameters(cfg, panel_cell(name)):>10,}  {scores(objective[name])}  "
               f"{scores(trained[name])}")
     summary = fidelity(objective, trained)
     say_figures("all cells", summary)

@@ -3,9 +3,12 @@ folder, and every failure to write told in one sentence that names the path and 
 import contextlib
 import errno
 import fcntl
+import io
 import json
 import os
 import secrets
+
+import torch
 
 LOCK = ".lock"          # in a run's folder: flock-ed by the run that holds it, and holds its process id
 PARTIAL = ".partial"    # suffix of a file still being written; one a killed run left is removed by the next
@@ -33,6 +36,14 @@ def atomic_write(path, write):
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def save_torch(path, state):
+    """torch.save atomically, so a kill never leaves half a file. It is serialized in memory first: torch.save
+    into a file turns the OSError of a full disk into a RuntimeError that names no file."""
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    atomic_write(path, lambda f: f.write(buffer.getbuffer()))
 
 
 def write_json(path, data):

@@ -118,8 +118,10 @@ def first_level(ops, sample=0, seed=0):
 
 
 def cell_key(cell):
-    """A stable string naming a network, however its cell is written (used for logs and seeds)."""
-    return json.dumps([list(block) for block in canonical(cell)], separators=(",", ":"))
+    """The string naming a canonical cell, hence its network (a log's key, a seed's name). Every cell is
+    made canonical where it enters the program (read from a flag, a file or a log, or made by expand),
+    so one network has one key."""
+    return json.dumps([list(block) for block in cell], separators=(",", ":"))
 
 
 def as_cell(blocks):

@@ -1,7 +1,6 @@
 """The search's objective: meta-train a candidate cell from scratch with MAML, then score it by its
 few-shot accuracy on fixed validation episodes."""
 import hashlib
-import io
 import math
 import os
 
@@ -12,7 +11,7 @@ import data
 import maml
 import pnas
 import speedups
-from files import atomic_write
+from files import save_torch
 
 
 def build_model(cfg, arch):
@@ -151,11 +150,9 @@ def restore(path, model, optimizer, sampler, meta_iters):
 
 def save(path, model, optimizer, sampler, iteration):
     """Keep a candidate's training at `iteration` in `path`, written atomically."""
-    buffer = io.BytesIO()
-    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "sampler": sampler.rng.bit_generator.state, "iteration": iteration}, buffer)
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    atomic_write(path, lambda f: f.write(buffer.getbuffer()))
+    save_torch(path, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                      "sampler": sampler.rng.bit_generator.state, "iteration": iteration})
 
 
 def gpu_lost(device):

@@ -319,7 +319,7 @@ def test_search_space_counts_and_canonical_dedup():
     assert len(pnas.expand(level1[0], ops)) == 21 * 22 // 2 + 21  # 3 inputs x 7 ops: unordered pairs, or one alone
     assert pnas.canonical(((1, "conv_3x3", 0, "none"),)) == pnas.canonical(((1, "none", 1, "conv_3x3"),))
     a, b = ((1, "conv_3x3", 0, "identity"),), ((0, "identity", 1, "conv_3x3"),)
-    assert pnas.canonical(a) == pnas.canonical(b) and pnas.cell_key(a) == pnas.cell_key(b)
+    assert pnas.canonical(a) == pnas.canonical(b)
     assert torch.equal(pnas.encode(a, ops), pnas.encode(b, ops))
     assert pnas.encode(a, ops).shape == pnas.encode(cells.AUTOMETA_CELL, ops).shape == (4 + 8 + 8 * 9 // 2,)
     # one bag of ops in other pairs is another cell to the predictor
@@ -431,7 +431,7 @@ def test_canonical_on_three_blocks_of_three_ops_and_copies_of_a_block():
     assert pnas.canonical(reads_both) == pnas.canonical((copy, copy, (3, x, 2, y)))
     issue = [[[0, "conv_3x3", 1, "conv_1x5_5x1"], [1, "conv_3x3", 2, "conv_1x5_5x1"], [1, "conv_1x5_5x1", 1, "conv_1x5_5x1"]],
              [[0, "conv_3x3", 1, "conv_1x5_5x1"], [1, "conv_1x5_5x1", 1, "conv_1x5_5x1"], [1, "conv_3x3", 2, "conv_1x5_5x1"]]]
-    assert pnas.cell_key(issue[0]) == pnas.cell_key(issue[1])  # the two cells the issue found scored twice
+    assert pnas.canonical(pnas.as_cell(issue[0])) == pnas.canonical(pnas.as_cell(issue[1]))  # the issue's two cells, scored twice
 
 
 def test_expand_gives_every_child_network_once():
@@ -1852,10 +1852,10 @@ STOP_AT = r'''
 """--train that stops itself (SIGSTOP) at a chosen point, for the test to SIGKILL it there: after row
 `at` of train.jsonl (point "row"), or halfway through writing the file `point` for the `at`-th time."""
 import io, os, signal, sys
-import autometa, training
+import autometa, files, training
 
 point, at = sys.argv[1], int(sys.argv[2])
-on_step, atomic_write, written = training.Trainer.on_step, training.atomic_write, []
+on_step, atomic_write, written = training.Trainer.on_step, files.atomic_write, []
 
 
 def stop():
@@ -1882,7 +1882,7 @@ def stop_halfway(path, write):
     atomic_write(path, half)
 
 
-training.Trainer.on_step, training.atomic_write = on_step_then_stop, stop_halfway
+training.Trainer.on_step, files.atomic_write = on_step_then_stop, stop_halfway
 sys.exit(autometa.main(sys.argv[3:]))
 '''
 
@@ -1976,7 +1976,7 @@ def fake_log(levels=3):
                           (3, [0.61, 0.57, 0.66])][:levels]:
         for k, accuracy in enumerate(accuracies):
             predicted = None if b == 1 else accuracy if b == 2 else 1 - accuracy
-            records.append(dict(level=b, cell=random_cell(rng, b), blocks=b, role="first" if b == 1 else "beam",
+            records.append(dict(level=b, cell=pnas.canonical(random_cell(rng, b)), blocks=b, role="first" if b == 1 else "beam",
                                 accuracy=accuracy,
                                 ci95=None if accuracy is None else 0.04, params=1000 * b + k, seconds=30.0,
                                 predicted=None if predicted is None else round(predicted, 4),

@@ -1,7 +1,6 @@
 """Meta-training one architecture for real (--train) with validation and checkpoints, and testing a
 checkpoint on fixed test episodes (--eval)."""
 import dataclasses
-import io
 import json
 import os
 import time
@@ -16,16 +15,8 @@ import pnas
 import report
 import speedups
 from config import ConfigError, config_dict, train_out
-from files import atomic_write
+from files import atomic_write, save_torch
 from scoring import build_model
-
-
-def save_checkpoint(path, state):
-    """torch.save atomically, so a kill never leaves half a checkpoint. It is serialized in memory first:
-    torch.save into a file turns the OSError of a full disk into a RuntimeError that names no file."""
-    buffer = io.BytesIO()
-    torch.save(state, buffer)
-    atomic_write(path, lambda f: f.write(buffer.getbuffer()))
 
 
 def load_checkpoint(path):
@@ -143,8 +134,8 @@ class Trainer:
         self.history.append({"iteration": self.iteration, "val_accuracy": accuracy})
         if self.best is None or accuracy > self.best["val_accuracy"]:
             self.best = dict(self.history[-1])
-            save_checkpoint(os.path.join(self.cfg.out, "best.pt"), self.state())
-        save_checkpoint(os.path.join(self.cfg.out, "last.pt"), self.state())
+            save_torch(os.path.join(self.cfg.out, "best.pt"), self.state())
+        save_torch(os.path.join(self.cfg.out, "last.pt"), self.state())
         return accuracy
 
     def on_step(self, i, loss, accuracy):
@@ -181,7 +172,7 @@ def train(cfg, arch, splits, device):
     state = load_checkpoint(last) if os.path.exists(last) else None
     if state is not None:
         saved = cells.load_arch(state["arch"])
-        if pnas.cell_key(saved) != pnas.cell_key(arch):
+        if pnas.canonical(saved) != pnas.canonical(arch):  # one network, however each is written
             raise ConfigError(f"{cfg.out} holds training of another architecture ({state['arch']}): pass a new --out "
                               "to start fresh")
         arch = saved  # the same network, written as when its weights were named
