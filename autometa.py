@@ -125,7 +125,7 @@ def search_here(cfg, device, job):
     score = make_scorer(cfg, splits, device, keep=candidates_dir(cfg))
     # how the candidates are scored: here one after another, or shared among the team's processes
     shared = dict(score_cells=pnas.score_each if job is None else job.score_all,
-                  progress=pnas.Progress(cfg.blocks, cfg.beam + cfg.probe, cfg.noise + (cfg.rescore + 1) * cfg.rescore_seeds,
+                  progress=pnas.Progress(cfg.blocks, cfg.beam + cfg.probe, after_levels(cfg),
                                          workers=1 if job is None else job.size))
     # the predictor's ops: the search's and the baseline's (conv4's "none", say, when --ops leaves it out)
     ops = tuple(dict.fromkeys(cfg.ops + tuple(op for cell in baseline for block in cell for op in block[1::2])))
@@ -142,6 +142,12 @@ def search_here(cfg, device, job):
     records = list(log.records.values())
     report.write_report(cfg.out, records, config_dict(cfg))
     say_best(cfg, best, report.against_baseline(best, records), time.time() - start)
+
+
+def after_levels(cfg):
+    """The candidates' worth of work after the levels, for the ETA: noise scores and the re-scores, these
+    counted by their meta-iterations."""
+    return cfg.noise + round((cfg.rescore + 1) * cfg.rescore_seeds * (cfg.rescore_iters or cfg.meta_iters) / cfg.meta_iters)
 
 
 def level_one(cfg):
@@ -188,7 +194,8 @@ def check_best(cfg, log, score, measured, shared):
         spread = statistics.pstdev(r["accuracy"] for r in measured if r["level"] == 1)
         print(f"seed noise: a score moves by {100 * noise:.2f} points (std) with the training seed; level-1 scores "
               f"spread by {100 * spread:.2f}")
-    best = pnas.debiased_best(log, score, measured, cfg.rescore, cfg.rescore_seeds, **shared)
+    best = pnas.debiased_best(log, score, measured, cfg.rescore, cfg.rescore_seeds, **shared,
+                              meta_iters=cfg.rescore_iters or cfg.meta_iters)
     write_json(os.path.join(cfg.out, "best.json"), {"cell": best["cell"], "accuracy": best["accuracy"],
                                                     "ci95": best["ci95"], "rescore": best["rescore"],
                                                     "params": best["params"], "skeleton": cells.SKELETON,

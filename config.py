@@ -50,6 +50,8 @@ class Config:
                            free=TRAIN)
     rescore_seeds: int = setting(3, "new training seeds of each of those re-scores: the best by their mean wins",
                                  free=TRAIN)
+    rescore_iters: int = setting(0, "meta-iterations of each re-score: the final choice's fidelity (0: --meta-iters)",
+                                 free=TRAIN)
     max_params: int = setting(0, "children with more parameters are neither ranked nor scored (0: no budget)")
     cells: int = setting(1, "cells per stage of the network")
     channels: int = setting(32, "channels of the stem and of every cell (32: conv4's)")
@@ -133,7 +135,7 @@ def check_config(cfg):
         if getattr(cfg, name) <= 0:
             raise ConfigError(f"--{name.replace('_', '-')} is {getattr(cfg, name)}: it must be a positive integer")
     for name in ("max_params", "reductions", "inner_steps", "test_steps", "max_first", "screen_iters", "probe", "noise",
-                 "rescore", "workers", "threads", "eval_batch"):
+                 "rescore", "rescore_iters", "workers", "threads", "eval_batch"):
         if getattr(cfg, name) < 0:
             raise ConfigError(f"--{name.replace('_', '-')} is {getattr(cfg, name)}: it must be 0 or more")
     for name in ("inner_lr", "meta_lr", "wait_minutes"):

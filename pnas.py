@@ -368,17 +368,18 @@ def measure_noise(log, score, measured, n, score_cells=None, progress=None):
     return seed_noise(log.records.values())
 
 
-def debiased_best(log, score, measured, top, seeds, score_cells=None, progress=None):
+def debiased_best(log, score, measured, top, seeds, score_cells=None, progress=None, **options):
     """Re-score the `top` best measured cells with training seeds 1..`seeds` on fresh episodes
-    (score(cell, trial=t, fresh=True)), the baseline's cells (role "baseline") beside them, and return
-    best(log.records.values()). The search's own best score is the highest of many noisy ones, on the
-    episodes that chose it, so it is biased upward; the re-score is not. With top 0 nothing is
-    re-scored and the search's best keeps its own score."""
+    (score(cell, trial=t, fresh=True, **options): `options` may set a longer training, the final choice's
+    fidelity), the baseline's cells (role "baseline") beside them, and return best(log.records.values()).
+    The search's own best score is the highest of many noisy ones, on the episodes that chose it, so it is
+    biased upward; the re-score is not. With top 0 nothing is re-scored and the search's best keeps its
+    own score."""
     if top:
         ranked = sorted(measured, key=lambda r: (-r["accuracy"], r["blocks"]))
         candidates = ranked[:top] + [r for r in ranked[top:] if r["role"] == "baseline"]
         rescore(log, score, [r["cell"] for r in candidates], list(range(1, seeds + 1)), "rescore", fresh=True,
-                score_cells=score_cells, progress=progress)
+                score_cells=score_cells, progress=progress, **options)
     return best(log.records.values())
 
 

@@ -545,7 +545,7 @@ def test_a_screen_scores_every_first_cell_cheaply_and_the_search_scores_only_the
 
 @pytest.mark.slow
 def test_a_screened_search_trains_its_kept_cells_on_and_ends_as_one_that_trained_them_from_scratch(tmp_path, capsys):
-    args = ["--search", "--ops", "conv_3x3,identity", "--screen-iters", "1", *TINY]  # TINY keeps 3 of the screen
+    args = ["--search", "--ops", "conv_3x3,identity", "--screen-iters", "1", "--rescore-iters", "4", *TINY]  # keeps 3
     out = tmp_path / "whole"
     with one_thread():
         assert autometa.main([*args, "--out", str(out)]) == 0
@@ -554,7 +554,8 @@ def test_a_screened_search_trains_its_kept_cells_on_and_ends_as_one_that_trained
     roles = [r["role"] for r in rows]
     assert roles.count("first") == 3 and roles.count("screen") > 3
     assert {r["meta_iters"] for r in rows if r["role"] == "screen"} == {1}
-    assert {r["meta_iters"] for r in rows if r["role"] != "screen"} == {3}
+    assert {r["meta_iters"] for r in rows if r["role"] == "rescore"} == {4}  # the final choice trains longer
+    assert {r["meta_iters"] for r in rows if r["role"] not in ("screen", "rescore")} == {3}
     # the same search from its screen alone: the kept cells train from scratch, with the same scores
     again = tmp_path / "again"
     again.mkdir()
@@ -574,17 +575,20 @@ def test_rescores_go_to_score_cells_a_trial_at_a_time_with_their_options_and_res
         calls.append((len(cells), options))
         return pnas.score_each(score, cells, **options)
 
-    def score(cell, trial=0, fresh=False):
-        return {"accuracy": fake_accuracy(cell) + 0.01 * trial + 0.1 * fresh, "ci95": 0.01, "params": 1}
+    def score(cell, trial=0, fresh=False, meta_iters=None):
+        return {"accuracy": fake_accuracy(cell) + 0.01 * trial + 0.1 * fresh, "ci95": 0.01, "params": 1,
+                "meta_iters": meta_iters or 60}
 
     log = pnas.SearchLog(str(tmp_path / "search.jsonl"))
     measured = pnas.score_level(log, 1, [(c, "first") for c in pnas.first_level(cells.OPS, 3)], score, score_cells, quiet())
-    best = pnas.debiased_best(log, score, measured, 3, 2, score_cells, quiet())
-    assert calls[1:] == [(3, {"trial": 1, "fresh": True}), (3, {"trial": 2, "fresh": True})]
+    best = pnas.debiased_best(log, score, measured, 3, 2, score_cells, quiet(), meta_iters=300)  # a longer training
+    assert calls[1:] == [(3, {"trial": t, "fresh": True, "meta_iters": 300}) for t in (1, 2)]
+    assert [r["meta_iters"] for r in read_lines(tmp_path / "search.jsonl")] == [60] * 3 + [300] * 6
     assert best["rescore"]["accuracy"] == pytest.approx(fake_accuracy(pnas.as_cell(best["cell"])) + 0.115)
     again = pnas.SearchLog(str(tmp_path / "search.jsonl"))
     calls.clear()
-    assert pnas.debiased_best(again, score, measured, 3, 2, score_cells, quiet())["rescore"] == best["rescore"]
+    again_best = pnas.debiased_best(again, score, measured, 3, 2, score_cells, quiet(), meta_iters=300)
+    assert again_best["rescore"] == best["rescore"]
     assert calls == []
 
 
