@@ -405,14 +405,15 @@ def summary(rows):
 def best(records):
     """The search's best cell, by the one rule best.json, the report and the final message share: among
     the cells re-scored (role "rescore"), the best re-score (a cell whose every re-score failed counts
-    its own search score); with none re-scored yet, the best search score. On a tie, fewer blocks, then
-    the better search score. Returns its record with "rescore" added (its summary), or None when no cell
-    of the search trained."""
+    its own search score, biased upward, and its "rescore" says so with "failed": True); with none
+    re-scored yet, the best search score. On a tie, fewer blocks, then the better search score. Returns
+    its record with "rescore" added (its summary), or None when no cell of the search trained."""
     ok = sorted((r for r in records if r["role"] in SEARCH_ROLES and r["status"] == "ok"),
                 key=lambda r: (-r["accuracy"], r["blocks"]))
     again = rescores(records)
     pool = [r for r in ok if cell_key(r["cell"]) in again] or ok
-    pool = [dict(r, rescore=again.get(cell_key(r["cell"])) or summary([r])) for r in pool]
+    pool = [dict(r, rescore=again.get(cell_key(r["cell"])) or dict(summary([r]), failed=cell_key(r["cell"]) in again))
+            for r in pool]
     return max(pool, key=lambda r: (r["rescore"]["accuracy"], -r["blocks"]), default=None)
 
 

@@ -269,6 +269,9 @@ def against_baseline(best, records):
             + (f", re-scored {percent(again['accuracy'])}" if again else "") + f" ({conv4['params']:,} parameters).")
     if cell_key(best["cell"]) == cell_key(conv4["cell"]):
         return line + " The best cell is conv4 itself: no searched cell beat it."
+    if best["rescore"].get("failed"):
+        return (line + " Every re-score of the best cell failed, so its search score, biased upward, stands for it: "
+                f"it {against_conv4(best['accuracy'], (again or conv4)['accuracy'])}.")
     if again:
         return (line + f" The best cell, re-scored on the same episodes, "
                 f"{against_conv4(best['rescore']['accuracy'], again['accuracy'])}{separation(best['rescore'], again)}.")

@@ -729,8 +729,12 @@ def test_one_rule_names_the_best_cell_and_says_whether_it_beat_conv4():
     # every re-score of a cell failed: its own search score stands for it, among the re-scored cells only
     failed = [dict(again[0], status="failed", accuracy=None), again[1], again[2]]
     best = pnas.best(searched + failed)
-    assert best["cell"] == a and best["rescore"]["accuracy"] == 0.90
+    assert best["cell"] == a and best["rescore"]["accuracy"] == 0.90 and best["rescore"]["failed"]
     assert report.against_baseline(best, searched[1:]).startswith("conv4 in this space: not scored")
+    assert report.against_baseline(best, searched + failed).endswith(  # said so, against conv4's re-score (72%)
+        "Every re-score of the best cell failed, so its search score, biased upward, stands for it: it beat it by "
+        "18.00 points.")
+    assert not pnas.best(searched + again)["rescore"].get("failed")
     tie = [record(conv4, 0.70, "baseline"), record(a + ((2, "identity", 2, "none"),), 0.70)]
     assert pnas.best(tie)["cell"] == conv4  # on a tie the fewer blocks
     assert pnas.best([dict(r, status="failed") for r in tie]) is None
