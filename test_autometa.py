@@ -51,6 +51,15 @@ def child_env(**settings):
     return dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", **settings)
 
 
+@pytest.fixture(autouse=True)
+def process_settings_restored():
+    """Every test leaves torch's thread count as it found it (a command run here with autometa.main sets it for
+    the whole process), so that no test's result depends on which tests ran before it."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
 @contextlib.contextmanager
 def one_thread():
     """Run torch here on one thread, as the commands the tests start do, for results compared with theirs."""
