@@ -141,7 +141,8 @@ def search_here(cfg, device, job):
         job.dismiss()
     records = list(log.records.values())
     report.write_report(cfg.out, records, config_dict(cfg))
-    say_best(cfg, best, report.against_baseline(best, records), time.time() - start)
+    rescored = pnas.rescores(records).get(pnas.cell_key(best["cell"])) is not None
+    say_best(cfg, best, rescored, report.against_baseline(best, records), time.time() - start)
 
 
 def after_levels(cfg):
@@ -163,12 +164,14 @@ def level_one(cfg):
     return first, (cfg.max_first, {"meta_iters": cfg.screen_iters, "episodes": cfg.screen_episodes})
 
 
-def say_best(cfg, best, verdict, seconds):
-    """The search's last lines: the best cell, its scores, the verdict against conv4 and where the results are."""
+def say_best(cfg, best, rescored, verdict, seconds):
+    """The search's last lines: the best cell, its scores (`rescored`: whether it has a re-score of its own),
+    the verdict against conv4 and where the results are."""
     print(f"best cell: {json.dumps(best['cell'])}")
-    again = ("every re-score failed, so this search score stands for it" if best["rescore"].get("failed") else
-             f"re-scored on fresh episodes with new seeds {100 * best['rescore']['accuracy']:.2f}% "
-             f"± {100 * best['rescore']['ci95']:.2f}%")
+    again = (f"re-scored on fresh episodes with new seeds {100 * best['rescore']['accuracy']:.2f}% "
+             f"± {100 * best['rescore']['ci95']:.2f}%" if rescored else "not re-scored")
+    if best["rescore"].get("failed"):
+        again = "every re-score failed, so this search score stands for it"
     print(f"validation accuracy {100 * best['accuracy']:.2f}% ± {100 * best['ci95']:.2f}% in the search; {again} "
           f"(chance {100 / cfg.ways:.0f}%), {best['params']:,} parameters")
     print(verdict)

@@ -179,10 +179,14 @@ def check_resume(cfg, kind="search"):
         return
     try:
         with open(path) as f:
-            saved = {k: v for k, v in json.load(f).items() if k not in free}
+            saved = json.load(f)
     except json.JSONDecodeError as e:
         raise ConfigError(f"{path} is not valid JSON: delete it only if the run beside it is yours to discard, "
                           "or choose a new --out") from e
+    if not isinstance(saved, dict):
+        raise ConfigError(f"{path} is not a run's config (a JSON object): delete it only if the run beside it is "
+                          "yours to discard, or choose a new --out")
+    saved = {k: v for k, v in saved.items() if k not in free}
     if saved.pop("run", kind) != kind:
         raise ConfigError(f"{cfg.out} holds a run of another kind than --{kind}: pass a new --out")
     if saved.get("skeleton") != cells.SKELETON:

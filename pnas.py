@@ -556,6 +556,9 @@ def read_log(path):
         except json.JSONDecodeError as e:
             raise LogError(f"line {n} of {path} is not valid JSON ({e.msg}): delete that line or start a new "
                            "--out folder") from e
+        if not (isinstance(record, dict) and {"cell", "level", "status"} <= set(record)):
+            raise LogError(f"line {n} of {path} is not a search record (an object with cell, level and status): "
+                           "delete that line or start a new --out folder")
         record["cell"] = canonical(as_cell(record["cell"]))
         if record.get("role") is None:
             record["role"] = "first" if record["level"] == 1 else "beam"

@@ -2820,3 +2820,279 @@ def test_reused_memory_stops_the_page_faults_of_each_forward_pass():
         faults[setting] = int(run.stdout)
     assert faults["default"] > 10000  # every pass faults in fresh pages (4 KiB each) for its activations
     assert faults["reuse"] < 1000  # a pass reuses the memory the one before freed
+
+
+# ---------------------------------------------------------------------------- issue 34: claims that had no test
+
+def fake_search_command(monkeypatch, make_scorer=fake_scorer):
+    """autometa.main's --search as wired, but with no data, cells scored by `make_scorer`'s stand-in (no
+    training) and a predictor that fits in a blink: for tests of what the command does around the scores."""
+    monkeypatch.setattr(data, "splits_for", lambda cfg, needed: None)
+    monkeypatch.setattr(scoring, "make_scorer", make_scorer)
+    predictor = pnas.Predictor
+    monkeypatch.setattr(pnas, "Predictor", lambda ops, seed: predictor(ops, members=1, epochs=20))
+
+
+def one_error_sentence(err, status, expected):
+    """The exit status is `expected`, and stderr is one line (no traceback)."""
+    assert status == expected and "Traceback" not in err and len(err.strip().splitlines()) == 1, (status, err)
+    return err.strip()
+
+
+def test_report_columns_re_scored_and_probes_alone_and_each_levels_mean_against_hand_computed_figures(tmp_path):
+    first = pnas.first_level(cells.OPS)[:5]
+    second = pnas.expand(first[0], cells.OPS)[:5]
+
+    def row(cell, accuracy, role, predicted=None, status="ok", trial=None):
+        extra = {} if trial is None else {"trial": trial}
+        return dict(level=len(cell), cell=cell, blocks=len(cell), role=role, status=status, accuracy=accuracy,
+                    ci95=None if accuracy is None else 0.01, params=100, seconds=10.0, predicted=predicted, **extra)
+    a, b = first, second
+    records = ([row(a[k], x, "first") for k, x in enumerate([0.30, 0.40, 0.50, 0.36])]
+               + [row(a[4], None, "first", status="failed"), row(a[0], 0.34, "noise", trial=1)]
+               + [row(b[0], 0.55, "beam", 0.50), row(b[1], 0.52, "beam", 0.49)]
+               + [row(b[2], 0.45, "probe", 0.40), row(b[3], 0.48, "probe", 0.42), row(b[4], 0.42, "probe", 0.44)]
+               + [row(b[0], 0.50, "rescore", trial=1), row(b[0], 0.54, "rescore", trial=2),
+                  row(b[0], None, "rescore", status="failed", trial=3),
+                  row(b[1], 0.53, "rescore", trial=1), row(b[1], 0.57, "rescore", trial=2),
+                  row(a[2], 0.47, "rescore", trial=1), row(a[2], 0.45, "rescore", trial=2)])
+    report.write_report(str(tmp_path), records, REPORT_CONFIG)
+    md = (tmp_path / "report.md").read_text().splitlines()
+    # Best cells, by search score; re-scored: the mean of each cell's ok re-scores (b0's failed third dropped):
+    # b0 (0.50 + 0.54) / 2 = 52%, b1 (0.53 + 0.57) / 2 = 55%, a2 (0.47 + 0.45) / 2 = 46%; the probes were not.
+    table = [line for line in md if re.match(r"\| [1-5] \| [12] \| \d", line)]
+    assert table == [f"| 1 | 2 | 55.00% ± 1.00% | 52.00% | 100 | `{json.dumps(b[0])}` |",
+                     f"| 2 | 2 | 52.00% ± 1.00% | 55.00% | 100 | `{json.dumps(b[1])}` |",
+                     f"| 3 | 1 | 50.00% ± 1.00% | 46.00% | 100 | `{json.dumps(a[2])}` |",
+                     f"| 4 | 2 | 48.00% ± 1.00% | – | 100 | `{json.dumps(b[3])}` |",
+                     f"| 5 | 2 | 45.00% ± 1.00% | – | 100 | `{json.dumps(b[2])}` |"]
+    # Levels, from the search's own rows only (the noise and re-score rows count in neither a level nor its time).
+    # Level 1: ok 0.30 0.40 0.50 0.36, mean 1.56 / 4 = 39.00%; deviations -9 1 11 -3 points, population std
+    # sqrt((81 + 1 + 121 + 9) / 4) = sqrt(53) = 7.28 points; 5 rows of 10 s.
+    # Level 2: mean 2.42 / 5 = 48.40%; deviations 6.6 3.6 -3.4 -0.4 -6.4, std sqrt(109.2 / 5) = 4.67 points.
+    # Spearman, beam and probes: predicted ranks (5 4 1 2 3), measured (5 4 2 3 1): d = 0 0 1 1 2,
+    # 1 - 6 * 6 / (5 * 24) = +0.700. Probes alone: predicted (1 2 3), measured (2 3 1): d = 1 1 2, 1 - 6 * 6 / 24 = -0.500.
+    assert "| 1 | 5 | 4 | 50.00% | 39.00% | 7.28% | no predictions at level 1 | no predictions at level 1 | 50 s |" in md
+    assert "| 2 | 5 | 5 | 55.00% | 48.40% | 4.67% | +0.700 (5 cells) | -0.500 (3 cells) | 50 s |" in md
+    # seed noise: a0 scored 0.30 and 0.34, sample std 0.02 * sqrt(2) = 2.83 points, under both spreads
+    assert ("Seed noise: a cell's score moves by 2.83% (std) with its training seed alone; compare it with each "
+            "level's spread.") in md
+    assert not any("spread less than the seed noise" in line for line in md)
+    whole = "\n".join(md)
+    assert "Levels finished: 2 of 3  ·  10 cells scored (1 diverged or failed)" in whole
+    assert "Spearman ρ over every predicted cell: +0.700 (5 cells)." in whole and "100 s in all" in whole
+    # the best cell by the re-score, b1, drawn with its search score in the title
+    assert report.against_baseline(pnas.best(records), records).startswith("conv4 in this space: not scored")
+    assert pnas.best(records)["cell"] == b[1] and (tmp_path / "best_cell.png").exists()
+
+
+def test_a_corrupt_middle_line_of_the_log_exits_2_naming_the_line_and_the_fix_and_loses_nothing(
+        tmp_path, monkeypatch, capsys):
+    fake_search_command(monkeypatch)
+    out = tmp_path / "run"
+    args = ["--search", "--out", str(out), *TINY]
+    with one_thread():
+        assert autometa.main(args) == 0
+    lines = (out / "search.jsonl").read_text().splitlines(keepends=True)
+    assert len(lines) > 5
+    for bad, words in [('{"level": 1, "cell": [[1, "conv_3x3", 1, "ide\x00\x00\x00\n', "is not valid JSON"),
+                       ("[1, 2]\n", "is not a search record (an object with cell, level and status)")]:
+        (out / "search.jsonl").write_text("".join(lines[:2] + [bad] + lines[3:]))
+        kept = contents(out)
+        capsys.readouterr()
+        with one_thread():
+            status = autometa.main(args)
+        err = one_error_sentence(capsys.readouterr().err, status, 2)
+        assert err.startswith(f"autometa: error: line 3 of {out / 'search.jsonl'} {words}")
+        assert err.endswith(": delete that line or start a new --out folder")
+        assert contents(out) == kept  # every line kept, the bad one too, and best.json, report.md, config.json
+    # the line put right, the same command resumes: nothing scored again, nothing lost
+    (out / "search.jsonl").write_text("".join(lines))
+    with one_thread():
+        assert autometa.main(args) == 0
+    assert (out / "search.jsonl").read_text() == "".join(lines)
+
+
+def test_a_corrupt_config_json_exits_2_in_one_sentence_and_is_left_as_it_is(tmp_path, monkeypatch, capsys):
+    fake_search_command(monkeypatch)
+    search, train = tmp_path / "search", tmp_path / "train"
+    with one_thread():
+        assert autometa.main(["--search", "--out", str(search), *TINY]) == 0
+    train.mkdir()
+    whole = (search / "config.json").read_text()
+    for text, words in [(whole[:len(whole) // 2], "is not valid JSON"), ("[1, 2]", "is not a run's config (a JSON object)")]:
+        for out, args in [(search, ["--search", "--out", str(search), *TINY]), (train, train_args(train))]:
+            (out / "config.json").write_text(text)
+            kept = contents(out)
+            capsys.readouterr()
+            with one_thread():
+                status = autometa.main(args)
+            err = one_error_sentence(capsys.readouterr().err, status, 2)
+            assert err == (f"autometa: error: {out / 'config.json'} {words}: delete it only if the run beside it is "
+                           "yours to discard, or choose a new --out")
+            assert contents(out) == kept  # the search's log and results too; --train wrote no checkpoint
+    assert not (train / "last.pt").exists()
+
+
+def test_a_level_where_no_candidate_trains_ends_the_search_in_one_sentence_and_keeps_every_row(
+        tmp_path, monkeypatch, capsys):
+    def diverging(cfg, splits, device, keep=None):  # every 2-block cell diverges, as scoring reports it
+        def score(cell, trial=0, fresh=False, **options):
+            if len(cell) == 2:
+                return dict(accuracy=None, ci95=None, status="diverged", error="meta-loss became nan", seed=0)
+            return dict(accuracy=fake_accuracy(cell), ci95=0.01, params=scoring.parameters(cfg, cell))
+        return score
+
+    fake_search_command(monkeypatch, diverging)
+    out = tmp_path / "run"
+    args = ["--search", "--out", str(out), *TINY]
+    with one_thread():
+        status = autometa.main(args)
+    err = one_error_sentence(capsys.readouterr().err, status, 1)  # 1: the search failed; not bad input
+    assert err == (f"autometa: search failed: no candidate of level 2 trained successfully: see "
+                   f"{out / 'search.jsonl'} for each error")
+    rows = read_lines(out / "search.jsonl")  # level 1 (3 sampled and conv4), then the beam of 2 and 1 probe
+    assert [(r["level"], r["status"]) for r in rows] == [(1, "ok")] * 4 + [(2, "diverged")] * 3
+    assert all(r["error"] == "meta-loss became nan" for r in rows[4:]) and not (out / "best.json").exists()
+    # a diverged training is a result: the same command scores nothing again and ends the same way
+    monkeypatch.setattr(scoring, "make_scorer", lambda *a, **k: lambda *a, **k: pytest.fail("scored again"))
+    with one_thread():
+        status = autometa.main(args)
+    assert one_error_sentence(capsys.readouterr().err, status, 1) == err and read_lines(out / "search.jsonl") == rows
+    # every level-1 candidate failed (an exception): the same sentence for level 1; a rerun tries them again
+    def failing(cfg, splits, device, keep=None):
+        def score(cell, **options):
+            raise MemoryError("out of memory")
+        return score
+    monkeypatch.setattr(scoring, "make_scorer", failing)
+    out = tmp_path / "failed"
+    with one_thread():
+        status = autometa.main(["--search", "--out", str(out), *TINY])
+    assert one_error_sentence(capsys.readouterr().err, status, 1) == (
+        f"autometa: search failed: no candidate of level 1 trained successfully: see {out / 'search.jsonl'} for "
+        "each error")
+    assert [r["status"] for r in read_lines(out / "search.jsonl")] == ["failed"] * 4
+    monkeypatch.setattr(scoring, "make_scorer", fake_scorer)
+    with one_thread():
+        assert autometa.main(["--search", "--out", str(out), *TINY]) == 0
+    assert [r["status"] for r in read_lines(out / "search.jsonl")[:8]] == ["failed"] * 4 + ["ok"] * 4
+
+
+def test_no_rescore_and_no_noise_search_ends_with_its_own_best_by_its_own_score(tmp_path, monkeypatch, capsys):
+    fake_search_command(monkeypatch)
+    out = tmp_path / "run"
+    with one_thread():
+        assert autometa.main(["--search", "--out", str(out), *TINY, "--rescore", "0", "--noise", "0"]) == 0
+    printed = capsys.readouterr().out
+    rows = read_lines(out / "search.jsonl")
+    assert {r["role"] for r in rows} <= set(pnas.SEARCH_ROLES) and len(rows) == 4 + 3  # no noise, no re-score row
+    top = max(rows, key=lambda r: (r["accuracy"], -r["blocks"]))  # by hand: the best search score, fewer blocks on a tie
+    best = json.loads((out / "best.json").read_text())
+    assert best["cell"] == top["cell"] and best["accuracy"] == top["accuracy"] and best["ci95"] == top["ci95"]
+    assert best["rescore"]["accuracy"] == top["accuracy"] and list(best["rescore"]["scores"]) == ["0"]  # its own
+    assert "seed noise:" not in printed and "re-scored on fresh episodes" not in printed
+    assert (f"validation accuracy {100 * top['accuracy']:.2f}% ± {100 * top['ci95']:.2f}% in the search; "
+            "not re-scored (chance 20%)") in printed
+    md = (out / "report.md").read_text()
+    assert "Seed noise: not measured" in md and "| 1 | " in md and " | – | " in md.split("## Best cells")[1]
+
+
+def test_eval_flags_override_the_checkpoints_settings_and_the_rest_come_from_it(tmp_path, monkeypatch, capsys):
+    saved = config.make_config({"ways": 3, "queries": 2, "channels": 4, "eval_episodes": 6, "test_steps": 2,
+                                "inner_lr": 0.2, "meta_batch": 2, "seed": 3})
+    torch.manual_seed(0)
+    model = scoring.build_model(saved, cells.CONV4_CELL)  # untrained weights evaluate as well as any
+    checkpoint = tmp_path / "best.pt"
+    torch.save({"model": model.state_dict(), "config": config.config_dict(saved), "arch": json.dumps(cells.CONV4_CELL),
+                "iteration": 0}, checkpoint)
+    import training
+    used, accuracy_of = [], training.checkpoint_accuracy
+
+    def watched(cfg, *args):
+        used.append(cfg)
+        return accuracy_of(cfg, *args)
+    monkeypatch.setattr(training, "checkpoint_accuracy", watched)
+
+    def evaluate(*flags):
+        with one_thread():
+            assert autometa.main(["--eval", str(checkpoint), *flags]) == 0
+        lines = capsys.readouterr().out.splitlines()
+        return lines, float(re.search(r"test accuracy: ([\d.]+)%", lines[1]).group(1))
+
+    lines, plain = evaluate()
+    assert lines[0].endswith("on 6 test episodes, 3-way 1-shot, device cpu") and "(95% CI, 6 episodes)" in lines[1]
+    lines, _ = evaluate("--eval-episodes", "4")
+    assert lines[0].endswith("on 4 test episodes, 3-way 1-shot, device cpu") and "(95% CI, 4 episodes)" in lines[1]
+    lines, unadapted = evaluate("--test-steps", "0")
+    assert "(95% CI, 6 episodes)" in lines[1] and unadapted != plain  # no adaptation: another accuracy
+    given = [(c.eval_episodes, c.test_steps) for c in used]
+    assert given == [(6, 2), (4, 2), (6, 0)]  # each flag where given, the checkpoint's value elsewhere
+    for cfg in used:  # every setting not given is the checkpoint's
+        rest = {k: v for k, v in config.config_dict(cfg).items() if k not in ("eval_episodes", "test_steps")}
+        assert rest == {k: v for k, v in config.config_dict(saved).items() if k not in ("eval_episodes", "test_steps")}
+
+
+def test_a_diverged_cell_is_kept_on_resume_and_a_failed_one_is_tried_again(tmp_path):
+    path = str(tmp_path / "search.jsonl")
+    a, b, c, d = pnas.first_level(cells.OPS, 4, seed=0)
+
+    def first_run(cell, trial=0, fresh=False):
+        if cell == a:  # as scoring.make_scorer reports a maml.Diverged
+            return dict(accuracy=None, ci95=None, status="diverged", error="meta-loss became nan")
+        if cell == b:
+            raise MemoryError("out of memory")
+        return dict(accuracy=fake_accuracy(cell), ci95=0.01)
+
+    pairs = [(cell, "first") for cell in (a, b, c, d)]
+    log = pnas.SearchLog(path)
+    assert [r["cell"] for r in pnas.score_level(log, 1, pairs, first_run, progress=quiet())] == [c, d]
+    pnas.rescore(log, first_run, [a, b], [1], "noise", progress=quiet())  # re-scores: the same rule
+    assert [r["status"] for r in read_lines(path)] == ["diverged", "failed", "ok", "ok", "diverged", "failed"]
+    calls = []
+
+    def second_run(cell, trial=0, fresh=False):
+        calls.append((cell, trial))
+        return dict(accuracy=fake_accuracy(cell), ci95=0.01)
+
+    again = pnas.SearchLog(path)  # resumed from the file
+    assert again.done(a) and not again.done(b) and again.done(a, "noise", 1) and not again.done(b, "noise", 1)
+    ok = pnas.score_level(again, 1, pairs, second_run, progress=quiet())
+    pnas.rescore(again, second_run, [a, b], [1], "noise", progress=quiet())
+    assert calls == [(b, 0), (b, 1)]  # only the failed ones, once each
+    assert [r["cell"] for r in ok] == [b, c, d] and again.records[pnas.cell_key(a)]["status"] == "diverged"
+    rows = read_lines(path)
+    assert len(rows) == 6 + 2 and [r["status"] for r in rows[6:]] == ["ok", "ok"]
+    records = pnas.read_log(path)  # read back: the diverged row stands, the failed one superseded
+    assert records[pnas.cell_key(a)]["status"] == "diverged" and records[pnas.cell_key(b)]["status"] == "ok"
+    assert records[pnas.cell_key(b) + "#noise1"]["status"] == "ok"
+
+
+@pytest.mark.slow
+def test_a_searchs_scores_do_not_depend_on_the_processs_thread_count_or_threads(tmp_path, monkeypatch):
+    # A search fixes torch's thread count (1, or --threads) whatever the process had (OMP_NUM_THREADS), so a
+    # process started on 2 threads scores as one started on 1; --threads 2 is the way to change it.
+    seen, make_scorer = [], scoring.make_scorer
+
+    def watched(*args, **kwargs):
+        score = make_scorer(*args, **kwargs)
+
+        def threads_then_score(cell, **options):
+            seen[-1].append(torch.get_num_threads())
+            return score(cell, **options)
+        return threads_then_score
+    monkeypatch.setattr(scoring, "make_scorer", watched)
+    tiny = ["--search", "--blocks", "1", "--max-first", "2", "--meta-iters", "3", "--eval-episodes", "4",
+            "--channels", "4", "--ways", "3", "--queries", "2", "--probe", "0", "--noise", "0", "--rescore", "0",
+            "--workers", "1"]
+    threads = torch.get_num_threads()
+    try:
+        for name, process_threads, flag in (("omp2", 2, []), ("omp1", 1, []), ("threads2", 1, ["--threads", "2"])):
+            torch.set_num_threads(process_threads)  # as OMP_NUM_THREADS starts a process
+            seen.append([])
+            assert autometa.main([*tiny, "--out", str(tmp_path / name), *flag]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    assert seen == [[1] * 3, [1] * 3, [2] * 3]  # conv4 and 2 sampled cells: on 1 thread whatever the process had
+    timeless = [[{k: v for k, v in r.items() if k != "seconds"} for r in read_lines(tmp_path / name / "search.jsonl")]
+                for name in ("omp2", "omp1")]
+    assert timeless[0] == timeless[1] and len(timeless[0]) == 3
