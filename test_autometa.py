@@ -554,7 +554,7 @@ def test_a_screen_scores_every_first_cell_cheaply_and_the_search_scores_only_the
 
 @pytest.mark.slow
 def test_a_screened_search_trains_its_kept_cells_on_and_ends_as_one_that_trained_them_from_scratch(tmp_path, capsys):
-    args = ["--search", "--ops", "conv_3x3,identity", "--screen-iters", "1", "--rescore-iters", "4", *TINY]  # keeps 3
+    args = ["--search", "--ops", "conv_3x3,identity", "--screen-iters", "1", *TINY, "--rescore-iters", "4"]  # keeps 3
     out = tmp_path / "whole"
     with one_thread():
         assert autometa.main([*args, "--out", str(out)]) == 0
@@ -1095,7 +1095,8 @@ def cli(*args, cwd=HERE):
 
 # A tiny search, with its number of workers said: without --workers a search starts one per core.
 TINY = ["--blocks", "2", "--beam", "2", "--max-first", "3", "--meta-iters", "3", "--eval-episodes", "4",
-        "--channels", "4", "--probe", "1", "--noise", "1", "--rescore", "2", "--rescore-seeds", "1", "--workers", "1"]
+        "--channels", "4", "--probe", "1", "--noise", "1", "--rescore", "2", "--rescore-seeds", "1", "--rescore-iters", "3",
+        "--workers", "1"]
 
 
 @pytest.mark.slow
