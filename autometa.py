@@ -38,8 +38,8 @@ import torch
 import cells
 import data
 import pnas
-from config import (BENCH_WORKLOADS, PRESETS, Config, ConfigError, check_resume, config_dict, default_workers,
-                    make_config, pick_device, train_out)
+from config import (PRESETS, Config, ConfigError, check_resume, config_dict, default_workers, make_config,
+                    pick_device, train_out)
 from files import FolderError, hold, write_json, writing
 
 # Each command imports the rest of what it runs (report, team, training, bench, ...) when it starts.
@@ -55,7 +55,8 @@ def make_parser():
                       "JSON cell, a JSON cell file or a search's best.json")
     mode.add_argument("--eval", metavar="CHECKPOINT", help="test a --train checkpoint on fixed test episodes")
     mode.add_argument("--draw", metavar="ARCH", help="draw a cell (same forms as --train) to the PNG file --out")
-    mode.add_argument("--bench", nargs="?", const="all", choices=BENCH_WORKLOADS,
+    mode.add_argument("--bench", nargs="?", const="all",
+                      choices=("all", "conv4", "cell", "search", "overhead", "objective"),
                       help="time the meta-step with and without the speed-ups (conv4, cell), candidates per minute "
                       "(search), the loop against batched where only launches count (overhead), or all (default); "
                       "objective: the search's objective against training on a fixed panel of cells (fidelity.py)")
@@ -148,7 +149,8 @@ def search_here(cfg, device, job):
 def after_levels(cfg):
     """The candidates' worth of work after the levels, for the ETA: noise scores and the re-scores, these
     counted by their meta-iterations."""
-    return cfg.noise + round((cfg.rescore + 1) * cfg.rescore_seeds * (cfg.rescore_iters or cfg.meta_iters) / cfg.meta_iters)
+    longer = (cfg.rescore_iters or cfg.meta_iters) / cfg.meta_iters
+    return cfg.noise + round((cfg.rescore + 1) * cfg.rescore_seeds * longer)
 
 
 def level_one(cfg):

@@ -11,7 +11,6 @@ import data
 from files import write_json
 
 ALL_OPS = tuple(cells.OPS)
-BENCH_WORKLOADS = ("all", "conv4", "cell", "search", "overhead", "objective")  # --bench; docs/speed.md, fidelity.py
 
 
 # Which runs a setting leaves alone: a resumed --search (SEARCH) or --train (TRAIN) may differ in it.
