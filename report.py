@@ -225,7 +225,8 @@ def write_report(out, records, config):
         draw_cell(best["cell"], os.path.join(out, "best_cell.png"),
                   f"best cell: {percent(best['accuracy'])} ± {percent(best['ci95'])} (level {best['level']}, "
                   f"{best['params']:,} parameters)")
-        lines += best_cells_table(ok, pnas.rescores(records)) + [against_baseline(best, records), ""]
+        rescore_iters = config.get("rescore_iters") or config["meta_iters"]  # a log from before it was a setting
+        lines += best_cells_table(ok, pnas.rescores(records), rescore_iters) + [against_baseline(best, records), ""]
     lines += levels_table(search, levels, seed_noise(records)) + screen_lines(records)
     lines += report_footer(search, ok, config)
     atomic_write(os.path.join(out, "report.md"), lambda f: f.write("\n".join(lines).encode()))
@@ -241,12 +242,12 @@ def report_header(records, ok, levels, config, chance):
             "![accuracy by level and predicted vs measured accuracy](report.png)", ""]
 
 
-def best_cells_table(ok, again):
+def best_cells_table(ok, again, rescore_iters):
     """The five best cells by search score as a markdown table (`ok` sorted best first, `again`:
-    pnas.rescores), and the best cell's picture."""
+    pnas.rescores; `rescore_iters`: the re-scores' meta-iterations), and the best cell's picture."""
     lines = ["## Best cells", "", "The search's own score of its best cells is the highest of many noisy scores, on "
              "the episodes that chose them; the re-score (mean over new training seeds, on fresh validation "
-             "episodes) is not, and it chooses best.json's cell.", "",
+             f"episodes, each trained {rescore_iters} meta-iterations) is not, and it chooses best.json's cell.", "",
              "| rank | blocks | search's validation accuracy ± 95% CI | re-scored | parameters | cell |",
              "|---:|---:|---|---|---:|---|"]
     for k, r in enumerate(ok[:5], 1):

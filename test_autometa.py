@@ -2885,6 +2885,9 @@ def test_report_columns_re_scored_and_probes_alone_and_each_levels_mean_against_
     # the best cell by the re-score, b1, drawn with its search score in the title
     assert report.against_baseline(pnas.best(records), records).startswith("conv4 in this space: not scored")
     assert pnas.best(records)["cell"] == b[1] and (tmp_path / "best_cell.png").exists()
+    assert "each trained 60 meta-iterations) is not" in whole  # a config from before --rescore-iters: --meta-iters
+    report.write_report(str(tmp_path), records, dict(REPORT_CONFIG, rescore_iters=300))
+    assert "each trained 300 meta-iterations) is not" in (tmp_path / "report.md").read_text()
 
 
 def test_a_corrupt_middle_line_of_the_log_exits_2_naming_the_line_and_the_fix_and_loses_nothing(
