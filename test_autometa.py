@@ -507,13 +507,16 @@ def quiet():
 
 
 def run_fake_search(out, score=None, blocks=3, beam=3, max_first=10, predictor=None, job=None, **kw):
-    """pnas.search with a fake score (fake_accuracy), as autometa.py runs it; `job`: a torchrun Team."""
+    """pnas.search with a fake score (fake_accuracy), as autometa.py runs it; `job`: a torchrun Team. Its
+    default predictor is a small one (what it is worth is tested on its own): fitting the real one is most
+    of a fake search's time."""
     os.makedirs(out, exist_ok=True)
     ops = list(cells.OPS)
+    predictor = predictor or pnas.Predictor(ops, members=2, epochs=60, seed=0)
     first = pnas.first_level(ops, max_first, seed=0)
     log = pnas.SearchLog(os.path.join(out, "search.jsonl"))
     measured = pnas.search(score or (lambda c: {"accuracy": fake_accuracy(c), "ci95": 0.01, "params": 1}), log,
-                           blocks, beam, ops, first, predictor or pnas.Predictor(ops, seed=0),
+                           blocks, beam, ops, first, predictor,
                            score_cells=None if job is None else job.score_all, progress=quiet(), **kw)
     best = pnas.best(measured)
     write_json(os.path.join(out, "best.json"), {k: best[k] for k in ("cell", "accuracy", "ci95")})
