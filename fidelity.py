@@ -31,7 +31,7 @@ import time
 import cells
 import pnas
 import training
-from config import ConfigError, config_dict, make_config
+from config import ConfigError, config_dict, make_config, resume_free
 from files import hold, write_json
 from scoring import make_scorer, parameters
 
@@ -75,7 +75,9 @@ def trained_accuracies(cfg, preset, splits, device, names, say=print):
     """{name: [test accuracy of training seed s for s in SEEDS]} of the panel, from OUT/trained.json when it
     holds them, else trained and tested now (and added to it)."""
     train_cfg = training_config(cfg, preset)
-    settings = {k: v for k, v in config_dict(train_cfg).items() if k not in ("device", "threads", "cache_dir", "out")}
+    # what its test accuracies depend on: every setting a resumed --train may not change, and the test episodes
+    free = resume_free("train") - {"eval_episodes"}
+    settings = {k: v for k, v in config_dict(train_cfg).items() if k not in free}
     path = os.path.join(cfg.out, "trained.json")
     found = {"settings": settings, "cells": {}}
     if os.path.exists(path):

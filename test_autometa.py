@@ -1295,8 +1295,12 @@ def test_bench_objective_trains_the_panel_once_as_eval_tests_it_and_scores_it_wi
     row = json.loads((out / "objective.jsonl").read_text())
     assert row["draws"] == "common" and len(row["objective"]["sep"]) == 3 and row["trained"]["sep"] == trained["sep"]["test"]
     monkeypatch.setattr(fidelity.training, "train", None)  # a second run, with another objective, trains nothing
+    saved = json.loads((out / "trained.json").read_text())
+    saved["settings"]["screen_iters"] = 99  # nor does a panel written with other settings of the search alone
+    saved["settings"].pop("rescore_iters", None)
+    (out / "trained.json").write_text(json.dumps(saved))
     with one_thread():
-        assert autometa.main(args + ["--meta-iters", "3"]) == 0
+        assert autometa.main(args + ["--meta-iters", "3", "--screen-iters", "5"]) == 0
     rows = [json.loads(line) for line in (out / "objective.jsonl").read_text().splitlines()]
     assert [r["meta_iters"] for r in rows] == [2, 3] and rows[1]["trained"] == rows[0]["trained"]
     capsys.readouterr()
