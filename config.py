@@ -45,8 +45,8 @@ class Config:
                            free=TRAIN)
     probe: int = setting(2, "children drawn at random and scored beside each beam, to test the predictor", free=TRAIN)
     noise: int = setting(4, "level-1 cells scored again with another seed, for the seed noise floor", free=TRAIN)
-    rescore: int = setting(3, "best cells scored again on fresh episodes with new seeds; the best of these wins",
-                           free=TRAIN)
+    rescore: int = setting(5, "best cells scored again on fresh episodes with new seeds, beside conv4; the best of "
+                           "these wins", free=TRAIN)
     rescore_seeds: int = setting(3, "new training seeds of each of those re-scores: the best by their mean wins",
                                  free=TRAIN)
     rescore_iters: int = setting(300, "meta-iterations of each re-score, the final choice's fidelity (0: --meta-iters; "
