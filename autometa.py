@@ -142,15 +142,13 @@ def search_here(cfg, device, job):
         job.dismiss()
     records = list(log.records.values())
     report.write_report(cfg.out, records, config_dict(cfg))
-    rescored = pnas.rescores(records).get(pnas.cell_key(best["cell"])) is not None
-    say_best(cfg, best, rescored, report.against_baseline(best, records), time.time() - start)
+    say_best(cfg, best, report.against_baseline(best, records), time.time() - start)
 
 
 def after_levels(cfg):
     """The candidates' worth of work after the levels, for the ETA: noise scores and the re-scores, these
     counted by their meta-iterations."""
-    longer = (cfg.rescore_iters or cfg.meta_iters) / cfg.meta_iters
-    return cfg.noise + round((cfg.rescore + 1) * cfg.rescore_seeds * longer)
+    return cfg.noise + round((cfg.rescore + 1) * cfg.rescore_seeds * cfg.rescore_iters / cfg.meta_iters)
 
 
 def level_one(cfg):
@@ -166,12 +164,12 @@ def level_one(cfg):
     return first, (cfg.max_first, {"meta_iters": cfg.screen_iters, "episodes": cfg.screen_episodes})
 
 
-def say_best(cfg, best, rescored, verdict, seconds):
-    """The search's last lines: the best cell, its scores (`rescored`: whether it has a re-score of its own),
-    the verdict against conv4 and where the results are."""
+def say_best(cfg, best, verdict, seconds):
+    """The search's last lines: the best cell, its scores, the verdict against conv4 and where the results are.
+    A best cell with no re-score of its own (--rescore 0, or each one failed) carries its search score, trial 0."""
     print(f"best cell: {json.dumps(best['cell'])}")
     again = (f"re-scored on fresh episodes with new seeds {100 * best['rescore']['accuracy']:.2f}% "
-             f"± {100 * best['rescore']['ci95']:.2f}%" if rescored else "not re-scored")
+             f"± {100 * best['rescore']['ci95']:.2f}%" if 0 not in best["rescore"]["scores"] else "not re-scored")
     if best["rescore"].get("failed"):
         again = "every re-score failed, so this search score stands for it"
     print(f"validation accuracy {100 * best['accuracy']:.2f}% ± {100 * best['ci95']:.2f}% in the search; {again} "
@@ -202,7 +200,7 @@ def check_best(cfg, log, score, measured, shared):
         print(f"seed noise: a score moves by {100 * noise:.2f} points (std) with the training seed; level-1 scores "
               f"spread by {100 * spread:.2f}")
     best = pnas.debiased_best(log, score, measured, cfg.rescore, cfg.rescore_seeds, **shared,
-                              meta_iters=cfg.rescore_iters or cfg.meta_iters)
+                              meta_iters=cfg.rescore_iters)
     write_json(os.path.join(cfg.out, "best.json"), {"cell": best["cell"], "accuracy": best["accuracy"],
                                                     "ci95": best["ci95"], "rescore": best["rescore"],
                                                     "params": best["params"], "skeleton": cells.SKELETON,

@@ -123,6 +123,8 @@ def make_config(flags, preset=None, base=None):
         cfg.image_size = data.default_image_size(cfg.data)
     if not cfg.meta_batch:
         cfg.meta_batch = 4 if cfg.shots == 1 else 2
+    if not cfg.rescore_iters:
+        cfg.rescore_iters = cfg.meta_iters
     check_config(cfg)
     return cfg
 
