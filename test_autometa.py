@@ -2534,6 +2534,13 @@ def test_layout_check_leaves_running_statistics_and_the_random_stream_as_the_pla
         assert torch.allclose(a.float(), b.float(), atol=1e-6)
 
 
+def loss_and_gradients(meta_loss, model, tasks, first_order):
+    """meta_loss(model, its parameters, tasks, 2 inner steps, inner lr 0.1), its accuracy, and the loss's gradients."""
+    params = dict(model.named_parameters())
+    loss, accuracy = meta_loss(model, params, tasks, 2, 0.1, first_order)
+    return loss, accuracy, torch.autograd.grad(loss, list(params.values()))
+
+
 def double_backward(op, inputs, upstream, mode):
     """op(*inputs), its first gradients (weighted by `upstream`) w.r.t. the inputs that need them, and the
     gradients of a loss on those first gradients w.r.t. the same inputs and `upstream`."""
@@ -2659,12 +2666,8 @@ def test_batched_meta_loss_equals_the_per_task_loop_in_float64(arch, first_order
     model = cells.build_network(arch, 3, 16, channels=8, reductions=1).double()
     tasks = image_tasks(16, tasks=3, dtype=torch.float64)
     assert batched.runs(model, dict(model.named_parameters()), tasks)
-    results = []
-    for meta_loss in (batched.meta_loss, maml.meta_loss):
-        params = dict(model.named_parameters())
-        loss, accuracy = meta_loss(model, params, tasks, 2, 0.1, first_order)
-        results.append((loss, accuracy, torch.autograd.grad(loss, list(params.values()))))
-    (loss, accuracy, grads), (ref_loss, ref_accuracy, ref_grads) = results
+    (loss, accuracy, grads), (ref_loss, ref_accuracy, ref_grads) = [
+        loss_and_gradients(meta_loss, model, tasks, first_order) for meta_loss in (batched.meta_loss, maml.meta_loss)]
     assert abs(loss.item() - ref_loss.item()) < 1e-12 and accuracy == ref_accuracy
     assert max((g - r).abs().max().item() for g, r in zip(grads, ref_grads)) < 1e-10
     assert max(g.abs().max().item() for g in ref_grads) > 1e-3  # a real gradient, not zeros
@@ -2753,12 +2756,9 @@ def test_the_meta_loss_production_runs_has_maml_meta_loss_gradients(arch, channe
     fast = speedups.choose(model, first_order)
     batch = fast.layout(tasks)
     assert (not batch[2][0].is_contiguous()) == channels_last  # the layout production gets here
-    results = []
-    for meta_loss, given in ((fast.meta_loss, batch), (maml.meta_loss, tasks)):
-        params = dict(model.named_parameters())
-        loss, accuracy = meta_loss(model, params, given, 2, 0.1, first_order)
-        results.append((loss, accuracy, torch.autograd.grad(loss, list(params.values()))))
-    (loss, accuracy, grads), (ref_loss, ref_accuracy, ref_grads) = results
+    (loss, accuracy, grads), (ref_loss, ref_accuracy, ref_grads) = [
+        loss_and_gradients(meta_loss, model, given, first_order)
+        for meta_loss, given in ((fast.meta_loss, batch), (maml.meta_loss, tasks))]
     assert abs(loss.item() - ref_loss.item()) < 1e-12 and accuracy == ref_accuracy
     assert max((g - r).abs().max().item() for g, r in zip(grads, ref_grads)) < 1e-12
     assert max(r.abs().max().item() for r in ref_grads) > 0.1  # a real gradient, not zeros
