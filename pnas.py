@@ -183,7 +183,9 @@ class Predictor:
         return torch.stack([encode(c, self.ops) for c in cells])  # (n, d)
 
     def fit(self, cells, accuracies):
-        """Train each member from its own seed on a bootstrap resample of the data."""
+        """Train each member on all the data from its own initial weights: a deep ensemble. Bootstrap
+        resamples would leave the one best cell of a level out of about a third of the members, which
+        then rank its children below those of a crowd of lesser cells."""
         x, y = self._encode(cells), torch.tensor(accuracies, dtype=torch.float32)
         # Standardize the features on the training cells. One that never varied there (reading a
         # block, when only 1-block cells were measured) teaches nothing, so it is zeroed rather
@@ -198,11 +200,10 @@ class Predictor:
         with torch.random.fork_rng(devices=[]):
             for m in range(self.members):
                 torch.manual_seed(self.seed * 1000 + m)
-                rows = torch.randint(len(cells), (len(cells),)) if self.members > 1 else torch.arange(len(cells))
                 model = nn.Sequential(nn.Linear(x.shape[1], self.hidden), nn.ReLU(), nn.Linear(self.hidden, 1))
                 opt = torch.optim.Adam(model.parameters(), lr=self.lr)
                 for _ in range(self.epochs):
-                    loss = ((self._accuracy(model, x[rows]) - y[rows]) ** 2).mean()
+                    loss = ((self._accuracy(model, x) - y) ** 2).mean()
                     opt.zero_grad()
                     loss.backward()
                     opt.step()
