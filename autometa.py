@@ -134,7 +134,7 @@ def search_here(cfg, device, job):
                            predictor=pnas.Predictor(ops, seed=cfg.seed), probes=cfg.probe, sampler=cfg.sampler,
                            seed=cfg.seed, baseline=baseline, allowed=within_budget(cfg), **shared,
                            on_level=lambda b, records: report.write_report(cfg.out, records, config_dict(cfg)),
-                           screen=screen)
+                           screen=screen, noise=(cfg.noise, cfg.noise_seeds))
     if screen:  # the screened cells' training, kept to train on from: level 1 is done with it
         shutil.rmtree(candidates_dir(cfg), ignore_errors=True)
     best = check_best(cfg, log, score, measured, shared)
@@ -148,7 +148,7 @@ def search_here(cfg, device, job):
 def after_levels(cfg):
     """The candidates' worth of work after the levels, for the ETA: noise scores and the re-scores, these
     counted by their meta-iterations."""
-    return cfg.noise + round((cfg.rescore + 1) * cfg.rescore_seeds * cfg.rescore_iters / cfg.meta_iters)
+    return cfg.noise * (cfg.noise_seeds - 1) + round((cfg.rescore + 1) * cfg.rescore_seeds * cfg.rescore_iters / cfg.meta_iters)
 
 
 def level_one(cfg):
@@ -193,10 +193,11 @@ def check_networks(cfg, log):
 
 
 def check_best(cfg, log, score, measured, shared):
-    """The noise floor and the de-biased best (pnas.measure_noise, pnas.debiased_best); writes best.json."""
-    noise = pnas.measure_noise(log, score, measured, cfg.noise, **shared)
+    """The noise floor (pnas.seed_noise) and the de-biased best (pnas.debiased_best); writes best.json."""
+    noise = pnas.seed_noise(log.records.values())
     if noise is not None:
-        spread = statistics.pstdev(r["accuracy"] for r in measured if r["level"] == 1)
+        spread = statistics.pstdev(r["accuracy"] for r in log.records.values() if r["level"] == 1
+                                   and r["role"] in pnas.SEARCH_ROLES and r["status"] == "ok")
         print(f"seed noise: a score moves by {100 * noise:.2f} points (std) with the training seed; level-1 scores "
               f"spread by {100 * spread:.2f}")
     best = pnas.debiased_best(log, score, measured, cfg.rescore, cfg.rescore_seeds, **shared,

@@ -44,7 +44,9 @@ class Config:
     sampler: str = setting("predictor", "how each level's beam is chosen: 'predictor' (PNAS) or 'random' (the baseline)",
                            free=TRAIN)
     probe: int = setting(2, "children drawn at random and scored beside each beam, to test the predictor", free=TRAIN)
-    noise: int = setting(4, "level-1 cells scored again with another seed, for the seed noise floor", free=TRAIN)
+    noise: int = setting(6, "level 1's best cells scored with --noise-seeds training seeds rather than one: the mean "
+                         "stands for each, and their spread is the seed noise floor", free=TRAIN)
+    noise_seeds: int = setting(3, "training seeds of each of those cells (the search's own and new ones)", free=TRAIN)
     rescore: int = setting(5, "best cells scored again on fresh episodes with new seeds, beside conv4; the best of "
                            "these wins", free=TRAIN)
     rescore_seeds: int = setting(3, "new training seeds of each of those re-scores: the best by their mean wins",
@@ -133,7 +135,7 @@ def check_config(cfg):
     """Raise ConfigError for settings no run can use."""
     for name in ("image_size", "ways", "shots", "queries", "blocks", "beam", "cells", "channels", "screen_episodes",
                  "meta_iters", "train_iters", "meta_batch", "eval_episodes", "val_episodes", "val_every", "log_every",
-                 "rescore_seeds"):
+                 "rescore_seeds", "noise_seeds"):
         if getattr(cfg, name) <= 0:
             raise ConfigError(f"--{name.replace('_', '-')} is {getattr(cfg, name)}: it must be a positive integer")
     for name in ("max_params", "reductions", "inner_steps", "test_steps", "max_first", "screen_iters", "probe", "noise",

@@ -37,7 +37,7 @@ ROLES = {
     "beam": "a child the predictor (or the random sampler) chose",
     "probe": "a child drawn at random beside the beam, to measure the predictor",
     "screen": "a 1-block cell at a cheaper fidelity, to choose the level-1 cells the search scores",
-    "noise": "a level-1 cell again on the same episodes: the seed noise floor",
+    "noise": "a best level-1 cell again on the same episodes, another seed: its mean and the seed noise floor",
     "rescore": "a best cell again on fresh episodes: the de-biased best",
 }
 SEARCH_ROLES = ("first", "baseline", "beam", "probe")
@@ -243,7 +243,7 @@ def spearman(a, b):
 # ---------------------------------------------------------------------------- the search
 
 def search(score, log, blocks, beam, ops, first_cells, predictor, probes=0, sampler="predictor", seed=0,
-           baseline=(), allowed=None, score_cells=None, progress=None, on_level=None, screen=None):
+           baseline=(), allowed=None, score_cells=None, progress=None, on_level=None, screen=None, noise=(0, 1)):
     """PNAS's progressive search (Algorithm 1); returns the log records of every cell it measured, in order.
 
     `score(cell)` -> {"accuracy", ...}; `log` is a SearchLog, which stores each result as it arrives,
@@ -258,7 +258,9 @@ def search(score, log, blocks, beam, ops, first_cells, predictor, probes=0, samp
     (a Progress), and `on_level(b, records)` runs after each level with every record of the log.
     `screen=(keep, options)`: successive halving at level 1. Every cell of `first_cells` is scored first
     by score(cell, **options), a cheaper fidelity (role "screen"), and only the best `keep` of them go on
-    to score(cell) itself, beside the baseline.
+    to score(cell) itself, beside the baseline. `noise=(n, seeds)`: right after level 1 its best n cells
+    are scored again with training seeds 1..seeds-1 on the same episodes (role "noise", see settle); the
+    mean of each one's scores stands for it from then on (in the predictor's data and among the finalists).
     """
     rng = random.Random(seed)
     allowed = allowed or (lambda cell: True)
@@ -276,6 +278,7 @@ def search(score, log, blocks, beam, ops, first_cells, predictor, probes=0, samp
         return ok
 
     measured = measure(1, first)                                             # score the 1-block cells
+    measured = settle(log, score, measured, *noise, score_cells=score_cells, progress=progress)
     for b in range(2, blocks + 1):
         predictor.fit([r["cell"] for r in measured], [r["accuracy"] for r in measured])
         parents = [r["cell"] for r in measured if r["level"] == b - 1]
@@ -360,13 +363,18 @@ def outcome(record):
     return f"{100 * record['accuracy']:.2f}%" if record["status"] == "ok" else record["status"]
 
 
-def measure_noise(log, score, measured, n, score_cells=None, progress=None):
-    """Score `n` level-1 cells, spread over their ranking, again with another training seed on the same
-    episodes (role "noise"); returns seed_noise over the log (None if nothing was re-scored)."""
-    level1 = sorted((r for r in measured if r["level"] == 1), key=lambda r: r["accuracy"])
-    picked = [level1[round(k * (len(level1) - 1) / max(n - 1, 1))] for k in range(n)]
-    rescore(log, score, [r["cell"] for r in picked], [1], "noise", score_cells=score_cells, progress=progress)
-    return seed_noise(log.records.values())
+def settle(log, score, measured, n, seeds, score_cells=None, progress=None):
+    """Score the best `n` of `measured` (level 1's ok records) again with training seeds 1..`seeds`-1 on the
+    same episodes (role "noise"); returns `measured` with each of those cells' accuracy the mean of its
+    scores (the log keeps every score as it came). One seed's score ranks the level's close cells little
+    better than chance (it moves about as much with the seed as the cells spread), and the predictor
+    follows the cell that ranks first; the mean of 3 puts conv4 first where training does. Their spread
+    is also the seed noise floor (seed_noise)."""
+    top = sorted(measured, key=lambda r: (-r["accuracy"], cell_key(r["cell"])))[:n]
+    again = rescore(log, score, [r["cell"] for r in top], list(range(1, seeds)), "noise", score_cells=score_cells,
+                    progress=progress) if top and seeds > 1 else {}
+    return [dict(r, accuracy=summary([r] + again[cell_key(r["cell"])])["accuracy"]) if cell_key(r["cell"]) in again
+            else r for r in measured]
 
 
 def debiased_best(log, score, measured, top, seeds, score_cells=None, progress=None, **options):

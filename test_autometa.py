@@ -714,6 +714,36 @@ class WatchedPredictor(pnas.Predictor):
         return super().predict(cells_)
 
 
+class FitWatcher(pnas.Predictor):
+    """A predictor that remembers the scores it was fitted to."""
+
+    def fit(self, cells_, accuracies):
+        self.fitted = dict(zip(cells_, accuracies))
+        return super().fit(cells_, accuracies)
+
+
+def test_level_ones_best_cells_are_settled_by_the_mean_of_their_seeds_before_the_predictor_learns(tmp_path):
+    first = pnas.first_level(cells.OPS, 6, seed=0)
+    lucky, steady = first[0], first[1]  # trial 0 puts lucky first; its other seeds put it last
+
+    def score(cell, trial=0, fresh=False):
+        base = {lucky: 0.9 if trial == 0 else 0.1, steady: 0.8}.get(cell, 0.5 + 0.01 * first.index(cell)
+                                                                   if cell in first else 0.5)
+        return {"accuracy": base, "ci95": 0.01, "params": 1, "seed": trial}
+
+    watcher = FitWatcher(cells.OPS, members=1, epochs=5)
+    measured = run_fake_search(tmp_path, score, blocks=2, beam=2, max_first=6, predictor=watcher, noise=(2, 3))
+    rows = read_lines(tmp_path / "search.jsonl")
+    noise = [r for r in rows if r["role"] == "noise"]
+    assert sorted((pnas.as_cell(r["cell"]), r["trial"]) for r in noise) == sorted(
+        (c, t) for c in (lucky, steady) for t in (1, 2))  # the best 2 by trial 0, 2 more seeds each
+    assert [r["role"] for r in rows[6:10]] == ["noise"] * 4  # right after level 1, before level 2
+    assert watcher.fitted[lucky] == pytest.approx((0.9 + 0.1 + 0.1) / 3, abs=1e-5) and watcher.fitted[steady] == 0.8
+    assert watcher.fitted[first[2]] == 0.52  # a cell outside the best 2 keeps its one score
+    assert next(r for r in rows if pnas.as_cell(r["cell"]) == lucky)["accuracy"] == 0.9  # the log keeps each score
+    assert measured is not None
+
+
 def test_conv4_is_scored_at_level_1_of_every_search_once_and_is_a_parent_like_any_other(tmp_path):
     conv4 = cells.CONV4_CELL
     for max_first in (5, 0):  # a sample without conv4, and every cell (conv4 among them)
@@ -1134,8 +1164,8 @@ def cli(*args, cwd=HERE):
 
 # A tiny search, with its number of workers said: without --workers a search starts one per core.
 TINY = ["--blocks", "2", "--beam", "2", "--max-first", "3", "--meta-iters", "3", "--eval-episodes", "4",
-        "--channels", "4", "--probe", "1", "--noise", "1", "--rescore", "2", "--rescore-seeds", "1", "--rescore-iters", "3",
-        "--workers", "1"]
+        "--channels", "4", "--probe", "1", "--noise", "1", "--noise-seeds", "2", "--rescore", "2",
+        "--rescore-seeds", "1", "--rescore-iters", "3", "--workers", "1"]
 
 
 @pytest.mark.slow
@@ -1153,16 +1183,16 @@ def test_tiny_search_end_to_end_writes_a_valid_log_and_resumes_without_retrainin
     assert all(r["params"] <= 700 for r in log if r["role"] != "baseline")
     roles = [r["role"] for r in log]  # within a level in the order results arrive: the workers race
     assert sorted(roles[:n1]) == ["baseline"] + ["first"] * (n1 - 1)
-    assert sorted(roles[n1:n1 + 3]) + roles[n1 + 3:n1 + 4] == ["beam"] * 2 + ["probe", "noise"]
+    assert roles[n1:n1 + 1] + sorted(roles[n1 + 1:n1 + 4]) == ["noise"] + ["beam"] * 2 + ["probe"]
     assert [pnas.as_cell(r["cell"]) for r in log if r["role"] == "baseline"] == [cells.CONV4_CELL]
-    assert [r["predicted"] is None for r in log[:n1 + 3]] == [True] * n1 + [False] * 3
-    noise = log[n1 + 3]  # a level-1 cell again, another seed, the same episodes
-    assert noise["cell"] in [r["cell"] for r in log[:n1]] and noise["seed"] != next(
-        r["seed"] for r in log[:n1] if r["cell"] == noise["cell"])
+    assert [r["predicted"] is None for r in log[:n1 + 4]] == [True] * (n1 + 1) + [False] * 3
+    noise = log[n1]  # right after level 1, its best cell again with another seed on the same episodes
+    assert noise["cell"] in [r["cell"] for r in log[:n1] if r["accuracy"] == max(x["accuracy"] for x in log[:n1])]
+    assert noise["seed"] != next(r["seed"] for r in log[:n1] if r["cell"] == noise["cell"])
     best = json.loads(open(os.path.join(out, "best.json")).read())
     assert best["config"]["blocks"] == 2 and cells.parse_cell(best["cell"]) and best["skeleton"] == cells.SKELETON
     assert best["params"] == count(pnas.as_cell(best["cell"]))
-    rescored = {json.dumps(r["cell"]): r for r in log[n1 + 4:]}
+    rescored = {json.dumps(r["cell"]): r for r in log[n1 + 4:]}  # after the levels
     assert roles[n1 + 4:] == ["rescore"] * len(rescored) and json.dumps(list(map(list, cells.CONV4_CELL))) in rescored
     assert best["rescore"]["accuracy"] == max(r["accuracy"] for r in rescored.values())  # chosen by the re-score
     assert best["rescore"]["seeds"] == [rescored[json.dumps(best["cell"])]["seed"]]
@@ -2998,9 +3028,10 @@ def test_a_level_where_no_candidate_trains_ends_the_search_in_one_sentence_and_k
     err = one_error_sentence(capsys.readouterr().err, status, 1)  # 1: the search failed; not bad input
     assert err == (f"autometa: search failed: no candidate of level 2 trained successfully: see "
                    f"{out / 'search.jsonl'} for each error")
-    rows = read_lines(out / "search.jsonl")  # level 1 (3 sampled and conv4), then the beam of 2 and 1 probe
-    assert [(r["level"], r["status"]) for r in rows] == [(1, "ok")] * 4 + [(2, "diverged")] * 3
-    assert all(r["error"] == "meta-loss became nan" for r in rows[4:]) and not (out / "best.json").exists()
+    rows = read_lines(out / "search.jsonl")  # level 1 (3 sampled and conv4), its best cell settled by a 2nd seed,
+    assert [(r["level"], r["status"]) for r in rows] == [(1, "ok")] * 5 + [(2, "diverged")] * 3  # beam 2, probe 1
+    assert rows[4]["role"] == "noise"
+    assert all(r["error"] == "meta-loss became nan" for r in rows[5:]) and not (out / "best.json").exists()
     # a diverged training is a result: the same command scores nothing again and ends the same way
     monkeypatch.setattr(scoring, "make_scorer", lambda *a, **k: lambda *a, **k: pytest.fail("scored again"))
     with one_thread():
